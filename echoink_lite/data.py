@@ -1,0 +1,639 @@
+"""Read AVQA-R1-6K style splits, check every row, load media, and build the prompt text.
+
+Why this module exists: training and evaluation both start from a split folder laid out like the
+published AVQA-R1-6K data set (``audios/``, ``images/`` and a JSON list ``omni_rl_format_*.json``).
+A single bad row (a missing wav, a truncated jpg, a solution that is not one of the options) must
+not crash a multi-hour GRPO run at step 400, and must not be silently dropped either. So:
+
+1. ``resolve_split`` finds the JSON file for a folder or file path.
+2. ``scan_split`` reads every row and either turns it into a checked ``Row`` or records a
+   ``Reject`` with a reason constant and a message that names the file/field and the fix.
+3. ``enforce_bad_fraction`` lets the caller refuse a split that is mostly broken.
+4. ``load_example`` decodes audio (16 kHz mono, first 10 s) and image (pixel-capped RGB) with the
+   same caps the original EchoInk-R1 used; decode failures raise ``MediaError`` so callers can skip
+   and count them.
+5. ``check_command`` is ``echoink-lite data check PATH [--report FILE]``: the same checks plus a
+   full decode of every row, a summary table and a JSON Lines report.
+
+The prompt text is the original's, byte for byte (see ``PROMPT_INSTRUCTION``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import soundfile as sf
+import soxr
+from PIL import Image
+
+# --------------------------------------------------------------------------------------------
+# Prompt (verbatim from EchoInk-R1; note the missing period after "thought expressions").
+# --------------------------------------------------------------------------------------------
+
+PROMPT_INSTRUCTION = (
+    "Please think about this question as if you were a human pondering deeply. "
+    "Make sure to carefully consider both the visual and audio information before answering. "
+    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', "
+    "'oh, I see', 'let's break it down', etc, or other natural language thought expressions "
+    "It's encouraged to include self-reflection or verification in the reasoning process. "
+    "Provide your detailed reasoning between the <think> </think> tags, and then give your "
+    "final answer between the <answer> </answer> tags. Please provide only the single option "
+    "letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
+)
+
+
+def build_prompt_text(problem: str, options: Iterable[str]) -> str:
+    """The user-turn text: question, the options one per line, then the instruction."""
+    return f"{problem} Options:\n" + "\n".join(options) + "\n" + PROMPT_INSTRUCTION
+
+
+_ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+
+
+def extract_answer(text: str) -> str | None:
+    """Text inside the first ``<answer>...</answer>`` (stripped), or None. Same regex as the paper's reward."""
+    match = _ANSWER_RE.search(text)
+    return match.group(1) if match else None
+
+
+# --------------------------------------------------------------------------------------------
+# Reject reasons: stable strings, they appear in reports that users grep.
+# --------------------------------------------------------------------------------------------
+
+MISSING_FIELD = "missing_field"
+MISSING_FILE = "missing_file"
+BAD_AUDIO = "unreadable_audio"
+EMPTY_AUDIO = "empty_audio"
+BAD_IMAGE = "unreadable_image"
+PATH_ESCAPE = "path_outside_split"
+BAD_SOLUTION = "solution_not_an_option"
+BAD_OPTIONS = "malformed_options"
+DUPLICATE_ID = "duplicate_id"
+BAD_JSON = "malformed_row"
+
+REASONS = (
+    MISSING_FIELD,
+    MISSING_FILE,
+    BAD_AUDIO,
+    EMPTY_AUDIO,
+    BAD_IMAGE,
+    PATH_ESCAPE,
+    BAD_SOLUTION,
+    BAD_OPTIONS,
+    DUPLICATE_ID,
+    BAD_JSON,
+)
+
+
+class DataError(ValueError):
+    """A split cannot be used as given; the message says what to fix."""
+
+
+class MediaError(DataError):
+    """One row's audio or image could not be decoded; callers skip the row and count it."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# --------------------------------------------------------------------------------------------
+# Rows, rejects and the result of a scan
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One checked item. Media paths are absolute and known to lie inside the split folder."""
+
+    problem_id: str | int
+    problem: str
+    options: tuple[str, ...]
+    answer: str  # the option letter, e.g. "C"
+    solution: str  # the original solution string, e.g. "<answer>C</answer>"
+    image_path: Path
+    audio_path: Path
+    data_source: str | None
+    index: int  # 0-based position in the source file
+
+    @property
+    def prompt_text(self) -> str:
+        return build_prompt_text(self.problem, self.options)
+
+    @property
+    def letters(self) -> tuple[str, ...]:
+        return tuple(option[0] for option in self.options)
+
+
+@dataclass
+class Reject:
+    """One row that cannot be used, why, and how to fix it."""
+
+    index: int
+    problem_id: str | int | None
+    reason: str
+    detail: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"problem_id": self.problem_id, "reason": self.reason, "detail": self.detail, "index": self.index}
+
+
+@dataclass
+class SplitScan:
+    split_dir: Path
+    source_file: Path
+    rows: list[Row] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    total: int = 0
+
+    @property
+    def bad_fraction(self) -> float:
+        return len(self.rejects) / self.total if self.total else 0.0
+
+    def counts_by_reason(self) -> dict[str, int]:
+        """Reject counts per reason, only reasons that occur, in ``REASONS`` order."""
+        counts = {reason: 0 for reason in REASONS}
+        for reject in self.rejects:
+            counts[reject.reason] = counts.get(reject.reason, 0) + 1
+        return {reason: n for reason, n in counts.items() if n > 0}
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the split file
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_split(path: str | Path) -> tuple[Path, Path]:
+    """Return (split_dir, list_file) for a split folder, a JSON list file, or a JSON Lines file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"{path} does not exist; pass a split folder (with audios/, images/ and a JSON list) or its JSON file"
+        )
+    if path.is_file():
+        return path.parent.resolve(), path.resolve()
+
+    # A folder: prefer the published name, else accept exactly one list file.
+    candidates = sorted(path.glob("omni_rl_format_*.json"))
+    if not candidates:
+        candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl"))
+    if len(candidates) == 1:
+        return path.resolve(), candidates[0].resolve()
+    if len(candidates) > 1:
+        names = ", ".join(p.name for p in candidates)
+        raise DataError(
+            f"{path} holds several list files ({names}); pass the JSON file itself, e.g. {candidates[0]}"
+        )
+    # Nothing here; a common slip is pointing at the data set root instead of train/ or valid/.
+    nested = sorted(path.glob("*/omni_rl_format_*.json"))
+    hint = f" (found {', '.join(str(p.parent) for p in nested)}: pass one of those)" if nested else ""
+    raise DataError(
+        f"{path} holds no omni_rl_format_*.json and no single .json/.jsonl file{hint}; "
+        "pass a split folder such as AVQA-R1-6K/train or the JSON file itself"
+    )
+
+
+def _read_items(source: Path) -> list[tuple[Any, str | None]]:
+    """Parsed items of the list file, each with a parse error message (JSON Lines only) or None."""
+    try:
+        text = source.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{source} is not UTF-8 text ({err}); re-save it as UTF-8 JSON") from err
+
+    if source.suffix == ".jsonl":
+        # One object per line; a bad line is one bad row, not a reason to drop the whole file.
+        items: list[tuple[Any, str | None]] = []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                items.append((json.loads(line), None))
+            except json.JSONDecodeError as err:
+                detail = f"line {line_no} of {source} is not valid JSON ({err.msg} at column {err.colno})"
+                items.append((None, detail + "; fix or remove the line"))
+        return items
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(
+            f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
+            "fix the file (an unfinished download is a common cause) or re-download it"
+        ) from err
+    if not isinstance(data, list):
+        raise DataError(
+            f"{source} holds a JSON {type(data).__name__}, expected a list of items; pass the AVQA-style list file"
+        )
+    return [(item, None) for item in data]
+
+
+# --------------------------------------------------------------------------------------------
+# Checking rows
+# --------------------------------------------------------------------------------------------
+
+_OPTION_RE = re.compile(r"([A-Z])\. ")
+
+
+def _check_structure(item: Any) -> tuple[str, str] | None:
+    """(reason, detail) if required fields are absent or of the wrong type, else None."""
+    if not isinstance(item, dict):
+        return BAD_JSON, (
+            f"row is a JSON {type(item).__name__}, expected an object with "
+            "problem_id, problem, options, solution, path; fix or remove the row"
+        )
+    for name in ("problem_id", "problem", "options", "solution", "path"):
+        if item.get(name) is None:
+            return MISSING_FIELD, f"field '{name}' is missing; add it or remove the row"
+    pid = item["problem_id"]
+    if isinstance(pid, bool) or not isinstance(pid, (int, str)):
+        return BAD_JSON, f"field 'problem_id' is a {type(pid).__name__}, expected an integer or string; fix the row"
+    for name in ("problem", "solution"):
+        if not isinstance(item[name], str):
+            return BAD_JSON, f"field '{name}' is a {type(item[name]).__name__}, expected a string; fix the row"
+    if not isinstance(item["path"], dict):
+        return BAD_JSON, (
+            f"field 'path' is a {type(item['path']).__name__}, expected an object with 'image' and 'audio';"
+            " fix the row"
+        )
+    for name in ("image", "audio"):
+        value = item["path"].get(name)
+        if value is None:
+            return MISSING_FIELD, f"field 'path.{name}' is missing; add the relative {name} path or remove the row"
+        if not isinstance(value, str):
+            return BAD_JSON, (
+                f"field 'path.{name}' is a {type(value).__name__}, expected a relative path string;"
+                " fix the row"
+            )
+    source = item.get("data_source")
+    if source is not None and not isinstance(source, str):
+        return BAD_JSON, f"field 'data_source' is a {type(source).__name__}, expected a string or null; fix the row"
+    return None
+
+
+def _check_options(options: Any) -> tuple[tuple[str, ...] | None, str]:
+    """(options, "") if well formed, else (None, detail). Options are "A. ...", "B. ..." in order."""
+    if not isinstance(options, list) or not options:
+        return None, "field 'options' must be a non-empty list like [\"A. ...\", \"B. ...\"]; fix the row"
+    for position, option in enumerate(options):
+        expected = chr(ord("A") + position)
+        if not isinstance(option, str):
+            return None, (
+                f"field 'options'[{position}] is a {type(option).__name__}, expected a string \"{expected}. ...\";"
+                " fix the row"
+            )
+        match = _OPTION_RE.match(option)
+        if not match:
+            return None, (
+                f"field 'options'[{position}] is {option!r}, expected it to start with \"{expected}. \";"
+                " fix the row"
+            )
+        if match.group(1) != expected:
+            return None, (
+                f"field 'options'[{position}] starts with {match.group(1)!r}, expected letters A, B, C, ... in order;"
+                " fix the row"
+            )
+    return tuple(options), ""
+
+
+def _answer_letter(solution: str) -> str:
+    """The letter a solution names: the <answer> content, or a bare single letter."""
+    extracted = extract_answer(solution)
+    return extracted if extracted is not None else solution.strip()
+
+
+def _resolve_media(split_dir: Path, rel: str, name: str) -> tuple[Path | None, str]:
+    """(absolute path, "") if ``rel`` stays inside the split folder, else (None, detail).
+
+    A safety rule: a data file must never make us open /etc/passwd or ../../secret.wav, so absolute
+    paths and anything that resolves (symlinks included) outside the split folder are refused unopened.
+    """
+    rel_path = Path(rel)
+    if rel_path.is_absolute():
+        return None, (
+            f"field 'path.{name}' is the absolute path {rel!r};"
+            f" make it relative to {split_dir} and keep the file inside it"
+        )
+    resolved = (split_dir / rel_path).resolve()
+    if not resolved.is_relative_to(split_dir):
+        return None, (
+            f"field 'path.{name}' {rel!r} points outside {split_dir};"
+            " move the file into the split folder and fix the path"
+        )
+    return resolved, ""
+
+
+def _check_media_files(
+    split_dir: Path, image_rel: str, image: Path, audio_rel: str, audio: Path, open_media: bool
+) -> tuple[str, str] | None:
+    for rel, path in ((image_rel, image), (audio_rel, audio)):
+        if not path.is_file():
+            return MISSING_FILE, f"{rel} does not exist under {split_dir}; fix the path or remove the row"
+    if not open_media:
+        return None
+    # Cheap header checks here; ``check_command`` additionally decodes everything.
+    try:
+        info = sf.info(str(audio))
+    except Exception as err:  # soundfile raises several types for unreadable files
+        return BAD_AUDIO, (
+            f"{audio_rel} under {split_dir} cannot be read as audio ({err});"
+            " replace the file or remove the row"
+        )
+    if info.frames <= 0:
+        return EMPTY_AUDIO, f"{audio_rel} under {split_dir} holds no audio samples; replace the file or remove the row"
+    try:
+        with Image.open(image) as img:
+            img.verify()
+    except Exception as err:  # PIL raises UnidentifiedImageError, SyntaxError, OSError, ...
+        return BAD_IMAGE, (
+            f"{image_rel} under {split_dir} cannot be read as an image ({err});"
+            " replace the file or remove the row"
+        )
+    return None
+
+
+def scan_split(path: str | Path, open_media: bool = True) -> SplitScan:
+    """Read every row of a split, returning the usable rows and one ``Reject`` per unusable row."""
+    split_dir, source = resolve_split(path)
+    items = _read_items(source)
+    scan = SplitScan(split_dir=split_dir, source_file=source, total=len(items))
+    seen_ids: dict[str, int] = {}
+
+    for index, (item, parse_error) in enumerate(items):
+        pid = item.get("problem_id") if isinstance(item, dict) else None
+        if isinstance(pid, (dict, list)):  # keep reports JSON-friendly and hashable
+            pid = None
+
+        def reject(reason: str, detail: str) -> None:
+            scan.rejects.append(Reject(index=index, problem_id=pid, reason=reason, detail=f"row {index}: {detail}"))
+
+        if parse_error is not None:
+            reject(BAD_JSON, parse_error)
+            continue
+        problem = _check_structure(item)
+        if problem:
+            reject(*problem)
+            continue
+        options, detail = _check_options(item["options"])
+        if options is None:
+            reject(BAD_OPTIONS, detail)
+            continue
+        letters = tuple(option[0] for option in options)
+        answer = _answer_letter(item["solution"])
+        if answer not in letters:
+            reject(
+                BAD_SOLUTION,
+                f"field 'solution' {item['solution']!r} names {answer!r}, not one of the option letters "
+                f"{', '.join(letters)}; fix the solution or the options",
+            )
+            continue
+        # 17 and "17" are the same item to anyone reading a report or an eval file.
+        key = str(pid)
+        if key in seen_ids:
+            reject(
+                DUPLICATE_ID,
+                f"field 'problem_id' {pid!r} already used by row {seen_ids[key]}; give the row a unique id or remove it",
+            )
+            continue
+        seen_ids[key] = index
+
+        image_rel, audio_rel = item["path"]["image"], item["path"]["audio"]
+        image_path, detail = _resolve_media(split_dir, image_rel, "image")
+        if image_path is None:
+            reject(PATH_ESCAPE, detail)
+            continue
+        audio_path, detail = _resolve_media(split_dir, audio_rel, "audio")
+        if audio_path is None:
+            reject(PATH_ESCAPE, detail)
+            continue
+        problem = _check_media_files(split_dir, image_rel, image_path, audio_rel, audio_path, open_media)
+        if problem:
+            reject(*problem)
+            continue
+
+        scan.rows.append(
+            Row(
+                problem_id=pid,
+                problem=item["problem"],
+                options=options,
+                answer=answer,
+                solution=item["solution"],
+                image_path=image_path,
+                audio_path=audio_path,
+                data_source=item.get("data_source"),
+                index=index,
+            )
+        )
+    return scan
+
+
+def enforce_bad_fraction(scan: SplitScan, max_bad_fraction: float, what: str) -> None:
+    """Refuse a split with no usable row, or with more rejected rows than the recipe allows."""
+    counts = ", ".join(f"{reason}: {n}" for reason, n in scan.counts_by_reason().items()) or "none"
+    fix = f"run `echoink-lite data check {scan.split_dir} --report bad.jsonl` to list them"
+    if not scan.rows:
+        raise DataError(
+            f"{what} ({scan.source_file}) has no usable rows out of {scan.total} "
+            f"(rejected by reason: {counts}); {fix} and fix the data"
+        )
+    if scan.bad_fraction > max_bad_fraction:
+        raise DataError(
+            f"{what} ({scan.source_file}): {len(scan.rejects)} of {scan.total} rows rejected "
+            f"({scan.bad_fraction:.1%} > data.max_bad_fraction {max_bad_fraction:.1%}; by reason: {counts}); "
+            f"{fix}, then fix the rows or raise data.max_bad_fraction"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Media loading (the caps of the original: 16 kHz mono, first 10 s; at most 256*28*28 pixels)
+# --------------------------------------------------------------------------------------------
+
+
+def load_audio(path: str | Path, max_seconds: float | None = 10.0, sampling_rate: int = 16000) -> np.ndarray:
+    """Float32 mono samples at ``sampling_rate``, cut to the first ``max_seconds`` (None: whole file).
+
+    soundfile + soxr rather than librosa: same samples, milliseconds instead of a ~18 s numba warm-up.
+    """
+    native_rate = sf.info(str(path)).samplerate
+    # Read only what survives the cut: a 10-minute file costs the same as a 10-second one.
+    frames = -1 if max_seconds is None else int(max_seconds * native_rate)
+    samples, native_rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
+    mono = samples.mean(axis=1, dtype=np.float32)
+    if native_rate != sampling_rate:
+        mono = soxr.resample(mono, native_rate, sampling_rate)
+    if max_seconds is not None:
+        mono = mono[: int(max_seconds * sampling_rate)]  # resampling may add a sample
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    # Transparent pixels go on white, as the Qwen image processor's convert_rgb does.
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int = 256 * 28 * 28, min_pixels: int = 4 * 28 * 28) -> Image.Image:
+    """RGB image whose pixel count is brought within [min_pixels, max_pixels], aspect ratio kept.
+
+    The Qwen processor also snaps sizes to multiples of 28; capping here first bounds memory and
+    the number of visual tokens (256*28*28 pixels -> at most 256 tokens).
+    """
+    with Image.open(path) as img:
+        img.load()
+        rgb = _to_rgb(img)
+    width, height = rgb.size
+    pixels = width * height
+    if pixels > max_pixels:
+        scale = math.sqrt(max_pixels / pixels)
+        size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
+        rgb = rgb.resize(size, Image.BICUBIC)
+    elif pixels < min_pixels:
+        scale = math.sqrt(min_pixels / pixels)
+        size = (math.ceil(width * scale), math.ceil(height * scale))
+        rgb = rgb.resize(size, Image.BICUBIC)
+    return rgb
+
+
+@dataclass
+class Example:
+    row: Row
+    audio: np.ndarray  # float32 mono, 16 kHz
+    image: Image.Image  # RGB
+
+
+def load_example(row: Row, max_audio_seconds: float = 10.0, max_pixels: int = 256 * 28 * 28) -> Example:
+    """Decode a row's media; ``MediaError`` (with a reason constant) if either cannot be decoded."""
+    where = f"row {row.index} (problem_id {row.problem_id!r})"
+    try:
+        audio = load_audio(row.audio_path, max_seconds=max_audio_seconds)
+    except Exception as err:
+        detail = f"{where}: {row.audio_path} cannot be decoded as audio ({err}); replace the file or remove the row"
+        raise MediaError(BAD_AUDIO, detail) from err
+    if audio.size == 0:
+        detail = f"{where}: {row.audio_path} holds no audio samples; replace the file or remove the row"
+        raise MediaError(EMPTY_AUDIO, detail)
+    try:
+        image = load_image(row.image_path, max_pixels=max_pixels)
+    except Exception as err:
+        detail = f"{where}: {row.image_path} cannot be decoded as an image ({err}); replace the file or remove the row"
+        raise MediaError(BAD_IMAGE, detail) from err
+    return Example(row=row, audio=audio, image=image)
+
+
+# --------------------------------------------------------------------------------------------
+# Modality check helper: give every row another row's media
+# --------------------------------------------------------------------------------------------
+
+
+def derange(rows: list[Row], which: Literal["audio", "image", "both"], seed: int) -> list[Row]:
+    """Rows whose audio, image or both come from a different row (a seeded derangement).
+
+    Question and answer stay unchanged, so accuracy falling towards chance shows the model
+    really uses that modality. With "both" the media come from the same donor row.
+    """
+    if which not in ("audio", "image", "both"):
+        raise ValueError(f"which must be 'audio', 'image' or 'both', not {which!r}")
+    if len(rows) < 2:
+        raise DataError(f"need at least 2 rows to swap media between rows, got {len(rows)}")
+    # Sattolo's algorithm: a uniformly random single cycle, so no row keeps its own media.
+    donors = list(range(len(rows)))
+    rng = random.Random(seed)
+    for i in range(len(donors) - 1, 0, -1):
+        j = rng.randrange(i)
+        donors[i], donors[j] = donors[j], donors[i]
+
+    swapped = []
+    for row, donor_index in zip(rows, donors):
+        donor = rows[donor_index]
+        changes: dict[str, Path] = {}
+        if which in ("audio", "both"):
+            changes["audio_path"] = donor.audio_path
+        if which in ("image", "both"):
+            changes["image_path"] = donor.image_path
+        swapped.append(replace(row, **changes))
+    return swapped
+
+
+# --------------------------------------------------------------------------------------------
+# `echoink-lite data check PATH [--report FILE]`
+# --------------------------------------------------------------------------------------------
+
+
+def write_reject_report(rejects: Iterable[Reject], path: str | Path) -> Path:
+    """JSON Lines, one reject per line: problem_id, reason, detail, index."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        for reject in rejects:
+            out.write(json.dumps(reject.to_json(), ensure_ascii=False) + "\n")
+    return path
+
+
+def check_command(path: str | Path, report: str | Path | None = None, console=None) -> int:
+    """Check a split end to end (rows and full media decode). 0 if every row is usable, else 1.
+
+    A list file that cannot be parsed at all is reported and also returns 1 (no report is
+    written then: there are no rows to list).
+    """
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = console or Console()
+    try:
+        scan = scan_split(path, open_media=True)
+    except DataError as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        return 1
+
+    # Headers can look fine while the data is truncated: decode everything once.
+    usable: list[Row] = []
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("decoding media", total=len(scan.rows))
+        for row in scan.rows:
+            try:
+                load_example(row)
+                usable.append(row)
+            except MediaError as err:
+                scan.rejects.append(Reject(row.index, row.problem_id, err.reason, err.detail))
+            progress.advance(task)
+    scan.rows = usable
+    scan.rejects.sort(key=lambda r: r.index)
+
+    console.print(f"data check: {escape(str(scan.source_file))}", highlight=False)
+    table = Table()
+    table.add_column("")
+    table.add_column("rows", justify="right")
+    table.add_row("read", str(scan.total))
+    table.add_row("usable", str(len(scan.rows)))
+    table.add_row("rejected", str(len(scan.rejects)))
+    for reason, n in scan.counts_by_reason().items():
+        table.add_row(f"  {reason}", str(n))
+    console.print(table)
+
+    if report is not None:
+        written = write_reject_report(scan.rejects, report)
+        console.print(f"reject report: {written} ({len(scan.rejects)} lines)")
+
+    shown = 5
+    for reject in scan.rejects[:shown]:
+        # escape(): details quote user data, which may contain [brackets] rich would read as markup.
+        pid = escape(repr(reject.problem_id))
+        console.print(f"[red]{reject.reason}[/] problem_id={pid}: {escape(reject.detail)}", highlight=False)
+    if len(scan.rejects) > shown:
+        more = f"; see {report}" if report is not None else "; pass --report FILE to list them all"
+        console.print(f"... and {len(scan.rejects) - shown} more{more}")
+    if not scan.rejects:
+        console.print("[green]all rows usable[/]")
+    return 0 if not scan.rejects else 1

@@ -1,0 +1,147 @@
+"""One prompt path for training, evaluation, inference and the demo.
+
+An `Example` becomes chat messages (user turn = [image, audio, text], no system message, so the template's
+default "You are a helpful assistant." turn is used, exactly as the original), then processor tensors for
+that single prompt. Each prompt is processed once; batches for `generate` and for the loss forward are
+built by repeating and left-padding those tensors (`collate`), which keeps the Whisper feature extraction
+(always padded to 30 s) out of the per-completion path.
+
+Messages carry only the keys the template needs: rows from a `datasets.Dataset` carry `audio=None` keys on
+text parts, which the official template renders as extra audio placeholders (field notes §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .data import Example, build_prompt_text
+
+
+class PromptTooLongError(ValueError):
+    """A prompt that does not fit the recipe's caps; the message names the row and the knobs."""
+
+
+def build_messages(question_text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": question_text}]}]
+
+
+def render_prompt(processor, question_text: str) -> str:
+    return processor.apply_chat_template(build_messages(question_text), add_generation_prompt=True, tokenize=False)
+
+
+@dataclass
+class Encoded:
+    """Processor output for one prompt (batch dimension 1 for ids, features; pixel rows for the image)."""
+
+    input_ids: torch.Tensor  # [L]
+    pixel_values: torch.Tensor  # [patches, dim]
+    image_grid_thw: torch.Tensor  # [1, 3]
+    input_features: torch.Tensor  # [mel, frames]
+    feature_attention_mask: torch.Tensor  # [frames]
+    problem_id: Any = None
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def encode_example(processor, example: Example, max_prompt_tokens: int | None = None, question_text: str | None = None) -> Encoded:
+    text = render_prompt(processor, question_text if question_text is not None else example.row.prompt_text)
+    out = processor(text=[text], images=[example.image], audio=[example.audio], return_tensors="pt", padding=False)
+    enc = Encoded(
+        input_ids=out["input_ids"][0],
+        pixel_values=out["pixel_values"],
+        image_grid_thw=out["image_grid_thw"],
+        input_features=out["input_features"][0],
+        feature_attention_mask=out["feature_attention_mask"][0],
+        problem_id=example.row.problem_id,
+    )
+    if max_prompt_tokens is not None and enc.length > max_prompt_tokens:
+        raise PromptTooLongError(
+            f"row problem_id={example.row.problem_id} ({example.row.audio_path.name}, {example.row.image_path.name}) "
+            f"has a {enc.length}-token prompt, over generation.max_prompt_tokens={max_prompt_tokens}. "
+            "Fix: raise generation.max_prompt_tokens, or lower data.max_audio_seconds (25 tokens/s) or "
+            "data.max_pixels (28*28 pixels per token)."
+        )
+    return enc
+
+
+def encode_text_prompt(processor, question_text: str, image, audio) -> Encoded:
+    """Encode a free question (used by `infer`), same template and processor as training."""
+    text = render_prompt(processor, question_text)
+    out = processor(text=[text], images=[image], audio=[audio], return_tensors="pt", padding=False)
+    return Encoded(out["input_ids"][0], out["pixel_values"], out["image_grid_thw"], out["input_features"][0], out["feature_attention_mask"][0])
+
+
+def collate(encoded: list[Encoded], repeats: int = 1, pad_token_id: int = 0, completions: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Batch prompts for the thinker: each prompt repeated `repeats` times, left-padded.
+
+    With `completions` (one 1-D tensor per batch row, already padded to a common length), the sequences
+    are prompt + completion, for the log-prob forward.
+    """
+    items = [e for e in encoded for _ in range(repeats)]
+    width = max(e.length for e in items)
+    ids = torch.full((len(items), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, e in enumerate(items):
+        ids[i, width - e.length:] = e.input_ids
+        mask[i, width - e.length:] = 1
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": torch.cat([e.pixel_values for e in items]),
+        "image_grid_thw": torch.cat([e.image_grid_thw for e in items]),
+        "input_features": torch.stack([e.input_features for e in items]),
+        "feature_attention_mask": torch.stack([e.feature_attention_mask for e in items]),
+    }
+    if completions is not None:
+        comp = torch.stack(completions)
+        batch["input_ids"] = torch.cat([ids, comp], dim=1)
+        batch["attention_mask"] = torch.cat([mask, torch.ones_like(comp)], dim=1)
+    return batch
+
+
+def to_device(batch: dict[str, torch.Tensor], device, float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device)
+        if float_dtype is not None and v.is_floating_point():
+            v = v.to(float_dtype)
+        out[k] = v
+    return out
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 for tokens up to and including the first EOS (`<|im_end|>`), 0 after it."""
+    is_eos = completion_ids == eos_token_id
+    seen_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (seen_before == 0).long()
+
+
+def decode_completions(tokenizer, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    texts = []
+    for ids, m in zip(completion_ids, mask):
+        texts.append(tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True))
+    return texts
+
+
+def generation_kwargs(tokenizer, *, do_sample: bool, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                      top_k: int = 0, suppress_ids: list[int] | None = None) -> dict[str, Any]:
+    """Keyword arguments for `thinker.generate`: EOS = `<|im_end|>`, multimodal markers suppressed."""
+    kw: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    if suppress_ids:
+        kw["suppress_tokens"] = suppress_ids
+    return kw

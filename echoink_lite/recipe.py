@@ -1,0 +1,354 @@
+"""Typed training recipes: the schema, YAML loading, `key=value` overrides and cross-field checks.
+
+A recipe is the whole description of a run. Users state `grpo.prompts_per_step` and `grpo.group_size`;
+micro-batches, completions per step and the number of steps are derived (see `Recipe.derived`) so that
+nobody has to solve the batch-size / num_generations divisibility puzzle by hand.
+
+Why pydantic: unknown keys are errors (a typo in a key must not silently fall back to a default), every
+field carries a one-line description that `echoink-lite recipes explain` prints, and checks that involve
+several fields live next to the fields. Recipes are read with `yaml.safe_load` only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    name_or_path: str = Field("Qwen/Qwen2.5-Omni-7B", description="Hub id or local folder of a full Qwen2.5-Omni or a thinker-only checkpoint.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin the base weights.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Compute dtype of unquantized weights and activations; bfloat16 needs an Ampere+ GPU.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel; flash_attention_2 is opt-in and needs the flash-attn package.")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, about 30% slower.")
+
+
+class QuantizationSection(_Section):
+    load_in_4bit: bool = Field(True, description="Store the language model in 4 bits (QLoRA). False = bf16 LoRA, about 4x more weight memory.")
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; nf4 is the QLoRA paper's choice.")
+    double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit/param).")
+    quantize_audio_tower: bool = Field(False, description="Quantize the audio encoder too (saves ~1 GB, may cost accuracy).")
+    quantize_vision_tower: bool = Field(False, description="Quantize the vision encoder too (saves ~1 GB, may cost accuracy).")
+    quantize_lm_head: bool = Field(False, description="Quantize lm_head (saves ~0.8 GB; log-probs get noisier).")
+
+
+class LoraSection(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank; higher = more trainable parameters and memory.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Projection names inside the language model's layers; towers never get LoRA.",
+    )
+
+
+class DataSection(_Section):
+    train: str = Field("data/avqa/train", description="AVQA-layout split folder, its JSON list, or a JSON Lines file.")
+    valid: str | None = Field("data/avqa/valid", description="Validation split (same forms as `train`); None to skip.")
+    max_audio_seconds: float = Field(10.0, gt=0, description="Audio is cut to its first N seconds (25 audio tokens per second); higher = longer prompts.")
+    max_pixels: int = Field(256 * 28 * 28, ge=4 * 28 * 28, description="Image pixel cap; 28*28 pixels = one visual token, so 256*28*28 = at most 256 tokens.")
+    max_bad_fraction: float = Field(0.02, ge=0.0, le=1.0, description="Stop before training if more than this fraction of rows fail the data checks.")
+    limit_train_rows: int | None = Field(None, ge=1, description="Use only the first N usable training rows (quick trials).")
+    limit_valid_rows: int | None = Field(None, ge=1, description="Use only the first N usable validation rows.")
+
+
+class GRPOSection(_Section):
+    prompts_per_step: int = Field(8, ge=1, description="Prompts per optimizer step (the paper: 8). With the data size it fixes the number of steps.")
+    group_size: int = Field(16, ge=2, description="Completions sampled per prompt (the paper: 16); higher = better advantage estimates, more rollout time and memory.")
+    micro_batch_size: int = Field(4, ge=1, description="Completions per forward/backward pass; higher = faster, more activation memory.")
+    rollout_batch_size: int = Field(16, ge=1, description="Completions per `generate` call; higher = faster rollouts, more KV-cache memory.")
+    beta: float = Field(0.001, ge=0.0, description="KL penalty weight (the paper: 0.001, k3 estimator). 0 skips the reference forward pass.")
+    loss_type: Literal["sequence", "token"] = Field("sequence", description="'sequence' averages each completion's tokens then the batch (the paper); 'token' averages all tokens.")
+    advantage_eps: float = Field(1e-4, gt=0, description="Advantage = (r - group mean) / (group std + eps).")
+    rewards: dict[str, float] = Field(
+        default_factory=lambda: {"accuracy": 1.0, "format": 1.0},
+        description="Reward name (built-in or 'package.module:function') -> weight; the paper sums accuracy and format.",
+    )
+    logprob_chunk_tokens: int = Field(256, ge=16, description="Completion positions turned into vocabulary logits at once; lower = less memory for the log-prob pass.")
+    max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many steps in a row whose loss or gradients are not finite.")
+
+
+class GenerationSection(_Section):
+    max_prompt_tokens: int = Field(1024, ge=32, description="Refuse a prompt longer than this (audio + image + text tokens) before the forward pass.")
+    max_completion_tokens: int = Field(768, ge=1, description="Completion budget (the paper: 768); higher = more KV cache and activation memory.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (the paper: 1.0).")
+    top_p: float = Field(0.95, gt=0, le=1.0, description="Nucleus sampling for rollouts (the paper: 0.95).")
+    top_k: int = Field(50, ge=0, description="Top-k for rollouts (0 disables; the generation default is 50).")
+
+
+class ScheduleSection(_Section):
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate of the LoRA parameters.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule after warm-up (the paper: cosine).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (the paper: 0).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay (the paper: 0.01).")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW beta2.")
+    max_grad_norm: float = Field(5.0, gt=0, description="Gradient clipping norm (the paper: 5).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training prompts (the paper: 1 -> 562 steps).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs for the length of the run).")
+    seed: int = Field(42, description="Seeds data order, sampling and LoRA init.")
+
+
+class CheckpointSection(_Section):
+    output_dir: str = Field("runs/echoink-lite", description="Run folder: checkpoints/, metrics.jsonl, curves.png, adapter/.")
+    save_every_steps: int = Field(25, ge=1, description="Checkpoint every N optimizer steps.")
+    save_every_minutes: float = Field(20.0, gt=0, description="Also checkpoint when this many minutes passed since the last save (Colab runtimes vanish).")
+    keep_last: int = Field(3, ge=1, description="Complete checkpoints to keep; older ones are deleted after a new one is complete.")
+
+
+class LoggingSection(_Section):
+    run_name: str | None = Field(None, description="Name shown in logs and trackers.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Extra trackers (metrics.jsonl is always written).")
+    log_completions_every: int = Field(0, ge=0, description="Print one sampled completion every N steps (0 = never).")
+    progress: bool = Field(True, description="Show the rich progress bar.")
+
+
+# Sections and fields that cannot change the math of a run: they may differ on resume.
+NON_MATH_FIELDS = {
+    "logging",
+    "checkpoint.output_dir",
+    "checkpoint.save_every_steps",
+    "checkpoint.save_every_minutes",
+    "checkpoint.keep_last",
+    "data.train",
+    "data.valid",
+    "data.limit_valid_rows",
+    "data.max_bad_fraction",
+    "grpo.max_nonfinite_steps",
+    "grpo.logprob_chunk_tokens",
+    "grpo.rollout_batch_size",
+    "model.attn_implementation",
+    "model.gradient_checkpointing",
+}
+
+
+class Recipe(_Section):
+    """The whole run. Sections mirror the order a run needs them."""
+
+    description: str = Field("", description="Free text: what this recipe is for.")
+    model: ModelSection = Field(default_factory=ModelSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> "Recipe":
+        g = self.grpo
+        completions = g.prompts_per_step * g.group_size
+        if completions % g.micro_batch_size:
+            raise ValueError(
+                f"grpo.micro_batch_size={g.micro_batch_size} does not divide the {completions} completions per step "
+                f"(prompts_per_step {g.prompts_per_step} x group_size {g.group_size}); "
+                f"set micro_batch_size to one of {_divisors(completions, 64)}"
+            )
+        if g.rollout_batch_size % g.group_size and g.group_size % g.rollout_batch_size:
+            raise ValueError(
+                f"grpo.rollout_batch_size={g.rollout_batch_size} must be a multiple or a divisor of group_size={g.group_size} "
+                f"so every generate call holds whole groups or whole slices of one; try {g.group_size} or {2 * g.group_size}"
+            )
+        if self.model.dtype == "float16" and self.quantization.load_in_4bit:
+            pass  # allowed (T4 GPUs have no bf16), but noted in the plan output
+        if self.schedule.warmup_steps and self.schedule.max_steps and self.schedule.warmup_steps >= self.schedule.max_steps:
+            raise ValueError(
+                f"schedule.warmup_steps={self.schedule.warmup_steps} >= schedule.max_steps={self.schedule.max_steps}: "
+                "lower warmup_steps or raise max_steps"
+            )
+        if not g.rewards:
+            raise ValueError("grpo.rewards is empty: list at least one reward, e.g. {accuracy: 1.0, format: 1.0}")
+        if self.quantization.quantize_lm_head and not self.quantization.load_in_4bit:
+            raise ValueError("quantization.quantize_lm_head needs quantization.load_in_4bit: true")
+        return self
+
+    # ---- derived numbers -------------------------------------------------------------------------
+    def derived(self, n_train_rows: int | None = None, world_size: int = 1) -> dict[str, Any]:
+        """Everything the user did not have to state, computed from what they did."""
+        g = self.grpo
+        completions = g.prompts_per_step * g.group_size
+        if completions % world_size:
+            raise RecipeError(
+                f"{completions} completions per step cannot be split over {world_size} processes; "
+                f"choose prompts_per_step x group_size divisible by {world_size}"
+            )
+        per_rank = completions // world_size
+        micro = min(g.micro_batch_size, per_rank)
+        if per_rank % micro:
+            raise RecipeError(
+                f"{per_rank} completions per process per step are not divisible by micro_batch_size={micro}; "
+                f"pick one of {_divisors(per_rank, 64)}"
+            )
+        out: dict[str, Any] = {
+            "completions_per_step": completions,
+            "completions_per_process": per_rank,
+            "micro_batches_per_step": per_rank // micro,
+            "generate_calls_per_step": math.ceil(per_rank / min(g.rollout_batch_size, per_rank)),
+            "tokens_per_completion_max": self.generation.max_completion_tokens,
+            "rollout_tokens_budget": completions * self.generation.max_completion_tokens,
+            "world_size": world_size,
+        }
+        if n_train_rows is not None:
+            out["train_rows"] = n_train_rows
+            out["steps_per_epoch"] = math.ceil(n_train_rows / g.prompts_per_step)
+            total = math.ceil(n_train_rows * self.schedule.epochs / g.prompts_per_step)
+            out["total_steps"] = min(total, self.schedule.max_steps) if self.schedule.max_steps else total
+        return out
+
+    def math_dict(self) -> dict[str, Any]:
+        """The recipe without fields that cannot change the math (used for the resume hash)."""
+        flat = flatten(self.model_dump(mode="json"))
+        return {k: v for k, v in flat.items() if not _is_non_math(k)}
+
+    def math_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.math_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _is_non_math(key: str) -> bool:
+    return key == "description" or any(key == f or key.startswith(f + ".") for f in NON_MATH_FIELDS)
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k != "rewards":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_math_fields(old: dict[str, Any], new: "Recipe") -> list[str]:
+    """Names of math fields whose value differs between a saved math_dict and a recipe."""
+    cur = new.math_dict()
+    keys = sorted(set(old) | set(cur))
+    return [f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in keys if old.get(k) != cur.get(k)]
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+def _all_field_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    paths = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            paths += _all_field_paths(ann, f"{prefix}{name}.")
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, _all_field_paths(), n=1, cutoff=0.5)
+    if not close:  # a bare field name without its section, e.g. "group_size"
+        leafs = {p.split(".")[-1]: p for p in _all_field_paths()}
+        hit = difflib.get_close_matches(key.split(".")[-1], list(leafs), n=1, cutoff=0.6)
+        close = [leafs[hit[0]]] if hit else []
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _parse_value(text: str) -> Any:
+    # YAML scalars: numbers, booleans, null, lists and dicts written inline; safe loader only.
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.field=value` strings to a raw recipe dict (values parsed as YAML scalars)."""
+    valid = set(_all_field_paths())
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' is not key=value (e.g. grpo.group_size=8)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in valid and not key.startswith("grpo.rewards."):
+            raise RecipeError(f"unknown recipe key '{key}' in override '{item}'{_suggest(key)}")
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override '{item}': '{p}' is not a section")
+        node[parts[-1]] = _parse_value(value)
+    return data
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{loc}'{_suggest(loc)}")
+        elif loc:
+            lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
+        else:
+            lines.append(e["msg"].removeprefix("Value error, "))
+    return f"{source}: invalid recipe:\n  - " + "\n  - ".join(lines)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err, source)) from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (safe loader), apply overrides, validate. `path=None` starts from defaults."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file {p} does not exist; see recipes/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{p}: a recipe is a mapping of sections, got {type(data).__name__}")
+        source = str(p)
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, source)
+
+
+def explain() -> list[tuple[str, str, str]]:
+    """(field, default, description) for every field: the recipe reference."""
+    rows = []
+
+    def walk(model: type[BaseModel], inst: BaseModel, prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            val = getattr(inst, name)
+            if isinstance(val, BaseModel):
+                walk(type(val), val, f"{prefix}{name}.")
+            else:
+                rows.append((f"{prefix}{name}", json.dumps(val), info.description or ""))
+
+    walk(Recipe, Recipe(), "")
+    return rows

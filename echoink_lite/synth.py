@@ -1,0 +1,124 @@
+"""A tiny synthetic audio-visual data set in the exact AVQA-R1-6K layout.
+
+Why: the real data set lives on the Hugging Face Hub, which tests and offline machines cannot reach,
+and a tiny model needs a task it can learn in minutes on a CPU. Each item needs BOTH modalities:
+the image is a noisy, mostly red or mostly blue patch, the audio a low (~300 Hz) or high (~1200 Hz)
+tone, and the answer is one of four fixed options ("A. red low" ... "D. blue high"). Swapping one
+item's audio or image for another's then shows whether a model really uses that modality.
+
+The options are always in the same order: with per-item shuffled options a tiny model learned the
+perception but not to find the matching option (22-32% after 12 minutes, see the field notes).
+
+``echoink-lite data synth OUT [--train N --valid M --seed S]`` writes ``OUT/train`` and ``OUT/valid``.
+Output is deterministic for a seed: same seed, byte-identical JSON and media.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+
+SYNTH_QUESTION = "What colour is the picture and is the sound low or high?"
+SYNTH_OPTIONS = ("A. red low", "B. red high", "C. blue low", "D. blue high")
+SYNTH_DATA_SOURCE = "echoink-lite-synth"
+
+# letter -> (colour, pitch), read off the option text so the two cannot disagree.
+SYNTH_CLASSES = {option[0]: tuple(option[3:].split()) for option in SYNTH_OPTIONS}
+
+_TONE_HZ = {"low": 300.0, "high": 1200.0}
+_COLOUR_RGB = {"red": (200.0, 40.0, 40.0), "blue": (40.0, 40.0, 200.0)}
+
+
+def synth_target(answer_letter: str) -> str:
+    """The ideal completion for a letter, e.g. "<think>red low</think><answer>A</answer>"."""
+    colour, pitch = SYNTH_CLASSES[answer_letter]
+    return f"<think>{colour} {pitch}</think><answer>{answer_letter}</answer>"
+
+
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    # Mix the split name into the seed so train and valid never share media for the same --seed.
+    return np.random.default_rng([seed, zlib.crc32(split.encode("utf-8"))])
+
+
+def _make_image(rng: np.random.Generator, colour: str, size: int) -> Image.Image:
+    base = np.array(_COLOUR_RGB[colour]) * rng.uniform(0.7, 1.2)  # brightness varies per item
+    pixels = base + rng.normal(0.0, 40.0, size=(size, size, 3))
+    # A fifth of the pixels are random colours, so the colour is a majority, not every pixel.
+    speckle = rng.random((size, size)) < 0.2
+    pixels[speckle] = rng.uniform(0.0, 255.0, size=(int(speckle.sum()), 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
+
+
+def _make_audio(rng: np.random.Generator, pitch: str, seconds: float, sampling_rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * sampling_rate)) / sampling_rate
+    frequency = _TONE_HZ[pitch] * rng.uniform(0.9, 1.1)
+    amplitude = rng.uniform(0.2, 0.8)
+    tone = amplitude * np.sin(2 * np.pi * frequency * t + rng.uniform(0, 2 * np.pi))
+    noisy = tone + rng.normal(0.0, 0.02, size=t.shape)
+    return np.clip(noisy, -1.0, 1.0).astype(np.float32)
+
+
+def write_synthetic_split(
+    out_dir: str | Path,
+    split: str,
+    n: int,
+    seed: int,
+    image_size: int = 56,
+    audio_seconds: float = 1.0,
+    sampling_rate: int = 16000,
+) -> Path:
+    """Write ``out_dir/split/{audios,images,omni_rl_format_<split>.json}``; return the split folder."""
+    if n < 1:
+        raise ValueError(f"a synthetic split needs at least 1 item, got n={n}")
+    split_dir = Path(out_dir) / split
+    (split_dir / "audios").mkdir(parents=True, exist_ok=True)
+    (split_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = _split_rng(seed, split)
+
+    # Balanced: each letter n//4 times (the first n%4 letters once more), in a seeded order.
+    letters = [SYNTH_OPTIONS[i % len(SYNTH_OPTIONS)][0] for i in range(n)]
+    letters = [letters[i] for i in rng.permutation(n)]
+
+    items = []
+    for i, letter in enumerate(letters):
+        colour, pitch = SYNTH_CLASSES[letter]
+        image_rel, audio_rel = f"images/sample_{i}.png", f"audios/sample_{i}.wav"
+        _make_image(rng, colour, image_size).save(split_dir / image_rel, format="PNG")
+        audio = _make_audio(rng, pitch, audio_seconds, sampling_rate)
+        sf.write(split_dir / audio_rel, audio, sampling_rate, subtype="PCM_16")
+        items.append(
+            {
+                "problem_id": i,
+                "problem": SYNTH_QUESTION,
+                "data_type": "image_audio",
+                "problem_type": "multiple choice",
+                "options": list(SYNTH_OPTIONS),
+                "solution": f"<answer>{letter}</answer>",
+                "path": {"image": image_rel, "audio": audio_rel},
+                "data_source": SYNTH_DATA_SOURCE,
+            }
+        )
+    # The list file goes last: an interrupted run never leaves a JSON pointing at missing media.
+    list_file = split_dir / f"omni_rl_format_{split}.json"
+    list_file.write_text(json.dumps(items, indent=2) + "\n", encoding="utf-8")
+    return split_dir
+
+
+def synth_command(out: str | Path, train: int = 256, valid: int = 128, seed: int = 0, console=None) -> int:
+    """``echoink-lite data synth OUT``: write the train and valid splits and say where they are."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console or Console()
+    if train < 1 or valid < 1:
+        console.print(f"[bold red]error:[/] --train and --valid must be at least 1 (got {train} and {valid})")
+        return 2
+    for split, n in (("train", train), ("valid", valid)):
+        split_dir = write_synthetic_split(out, split, n, seed)
+        console.print(f"wrote {n} {split} items to {escape(str(split_dir))}", highlight=False)
+    return 0
