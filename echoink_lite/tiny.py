@@ -65,11 +65,12 @@ def _tokenizer_corpus() -> list[str]:
         "system\nYou are a helpful assistant.\nuser\nassistant\n",
         "let me think. wait, Hmm, oh, I see. let's break it down. The picture is " + " or ".join(colours) + ".",
         "The sound is low. The sound is high. A B C D E F",
+        "red\nblue\nlow\nhigh\n",
     ]
     return lines * 20
 
 
-def build_tiny_tokenizer(vocab_size: int = 400):
+def build_tiny_tokenizer(vocab_size: int = 1024):
     """Train a byte-level BPE offline and wrap it as a Qwen2 tokenizer with the Omni token attributes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2TokenizerFast

@@ -1,0 +1,613 @@
+"""Score a base, adapter or merged thinker on an AVQA-layout split: `echoink-lite eval`.
+
+What: every usable row of the split is prompted exactly as in training (the shared prompt path in
+``prompting``), the completion is generated (greedy by default, the paper's sampling with ``--sample``),
+the option letter is parsed and compared with the gold letter. One JSON line per (row, sample) goes to a
+predictions file; a summary table is printed and written beside it as ``<stem>.summary.json``.
+
+Why it is built this way:
+
+- **Strict parsing by default.** The original took the first standalone A-D letter when no ``<answer>``
+  tag was found, so the English word "a" counted as answer A. ``--lenient`` reproduces that rule for
+  comparison with the paper's numbers; the summary always says which rule produced a number.
+- **Resumable.** A 1,911-row evaluation of a 7B model takes hours on a Colab GPU that may vanish. Lines are
+  flushed after each batch; a rerun with the same ``--out`` skips the (row, sample) pairs already written
+  for the same label and counts them in the metrics. Each line carries a short hash of the settings that
+  shape a completion (model, adapter, decoding, media caps, parse rule); a rerun with other settings
+  refuses to mix its lines with the old ones instead of silently reporting a blend.
+- **Bad rows are counted, never dropped silently.** Rows the data scan rejects, rows whose media fail to
+  decode, and prompts over ``max_prompt_tokens`` are reported per reason; accuracy is over the rows that
+  were evaluated, and the bad-row counts sit next to it in the table and the summary.
+- **Base vs adapter in one run.** ``--compare-base`` scores the base model with the LoRA adapter switched
+  off (``PeftModel.disable_adapter()``: the same weights in memory, no second copy) and then the adapter,
+  into one predictions file under the labels "base" and "adapter", and prints the difference.
+- **K samples.** ``--samples K`` (with ``--sample``) draws K completions per row in the same ``generate``
+  call; accuracy is reported as the mean over all samples with the spread (standard deviation) of the
+  per-sample-index accuracies. Sampling is seeded once before the loop; a resumed sampled run is a valid
+  draw but not bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DataError, MediaError, Row, enforce_bad_fraction, extract_answer, load_example, scan_split
+from .modeling import (
+    ModelLoadError,
+    default_device,
+    load_adapter,
+    load_processor,
+    load_thinker,
+    multimodal_token_ids,
+    torch_dtype,
+)
+from .prompting import PromptTooLongError, collate, completion_mask, decode_completions, encode_example, generation_kwargs, to_device
+
+# Same as rewards.FORMAT_PATTERN (kept here so the two modules could be written independently; dedupe later).
+FORMAT_PATTERN = r"^(?!.*<think>.*<think>)(?!.*<answer>.*<answer>)<think>[\s\S]+?</think>\s*<answer>[\s\S]+?</answer>$"
+_FORMAT_RE = re.compile(FORMAT_PATTERN, re.DOTALL)
+
+PROMPT_TOO_LONG = "prompt_too_long"  # bad-row reason next to data.REASONS
+PAPER_TEMPERATURE, PAPER_TOP_P = 1.0, 0.95
+
+
+class EvalError(ValueError):
+    """Evaluation settings that cannot work together; the message says what to change."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def parse_answer(completion: str, letters: tuple[str, ...], lenient: bool = False) -> str | None:
+    """The option letter a completion gives, or None.
+
+    Strict (default): the text inside the first ``<answer>...</answer>`` (stripped), accepted only if it is
+    exactly one of ``letters`` ("B" yes; "b", "(B)", "B." and "B. red high" no).
+
+    Lenient (the original's fallback): when no tag gives a letter, the first standalone option letter
+    anywhere in the completion, case-insensitively, upper-cased. Beware: the English word "a" then counts
+    as answer A ("I see a cat" -> "A"), which is why lenient is opt-in.
+    """
+    inside = extract_answer(completion)
+    if inside is not None and inside.strip() in letters:
+        return inside.strip()
+    if not lenient or not letters:
+        return None
+    pattern = r"\b([" + "".join(re.escape(letter) for letter in letters) + r"])\b"
+    match = re.search(pattern, completion, re.IGNORECASE)
+    if match is None:
+        return None
+    letter = match.group(1).upper()
+    return letter if letter in letters else None
+
+
+def format_ok(completion: str) -> bool:
+    """The paper's format reward condition: `<think>...</think><answer>...</answer>` and nothing else."""
+    return _FORMAT_RE.fullmatch(completion.strip()) is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalConfig:
+    model: str = "Qwen/Qwen2.5-Omni-7B"  # base checkpoint (Hub id or folder); ignored for weights with `merged`
+    adapter: str | None = None  # saved LoRA adapter folder, applied on `model`
+    merged: str | None = None  # merged checkpoint folder, loaded instead of `model`
+    data: str = "data/avqa/valid"  # split folder or its JSON list
+    out: str | None = None  # predictions JSONL; default <adapter or merged dir or ./eval>/predictions.jsonl
+    batch_size: int = 8  # rows per generate call (each repeated `samples` times)
+    max_new_tokens: int = 768
+    do_sample: bool = False
+    temperature: float = PAPER_TEMPERATURE
+    top_p: float = PAPER_TOP_P
+    top_k: int = 50
+    samples: int = 1  # K completions per row
+    seed: int = 0
+    lenient: bool = False
+    max_audio_seconds: float = 10.0
+    max_pixels: int = 256 * 28 * 28
+    max_prompt_tokens: int = 4096
+    limit: int | None = None  # first N usable rows
+    max_bad_fraction: float = 1.0  # eval reports bad rows; raise the bar with a lower value
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    load_in_4bit: bool = False
+    compare_base: bool = False
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.adapter and self.merged:
+            raise EvalError(
+                "--adapter and --merged are alternatives: a merged checkpoint already contains the adapter. "
+                "Pass --adapter DIR (with --model BASE) or --merged DIR, not both."
+            )
+        if self.compare_base and not self.adapter:
+            raise EvalError("--compare-base needs --adapter (the base is scored with that adapter switched off)")
+        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise EvalError("--samples, --batch-size and --max-new-tokens must be at least 1")
+        if self.samples > 1 and not self.do_sample:
+            raise EvalError(f"--samples {self.samples} needs --sample: greedy decoding gives {self.samples} identical completions")
+        if self.limit is not None and self.limit < 1:
+            raise EvalError(f"--limit must be at least 1, got {self.limit}")
+        if self.dtype is not None and self.dtype not in ("bfloat16", "float16", "float32"):
+            raise EvalError(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
+
+    @property
+    def parse_rule(self) -> str:
+        return "lenient" if self.lenient else "strict"
+
+    def resolved_device(self) -> torch.device:
+        return torch.device(self.device) if self.device else default_device()
+
+    def resolved_dtype(self) -> str:
+        if self.dtype:
+            return self.dtype
+        return "bfloat16" if self.resolved_device().type == "cuda" else "float32"
+
+    def predictions_path(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path(self.adapter or self.merged or "eval") / "predictions.jsonl"
+
+
+def _source_id(path: str | None) -> str | None:
+    """A stable name for a model/adapter/data source: the resolved folder if local, else the Hub id."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
+
+
+def settings_hash(cfg: EvalConfig, label: str) -> str:
+    """Short hash of everything that shapes a (row, sample) line; resumed lines must match it."""
+    settings = {
+        "weights": _source_id(cfg.merged or cfg.model),
+        "adapter": None if label == "base" else _source_id(cfg.adapter),
+        "data": _source_id(cfg.data),
+        "max_new_tokens": cfg.max_new_tokens,
+        "do_sample": cfg.do_sample,
+        "sampling": [cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed] if cfg.do_sample else None,
+        "parse_rule": cfg.parse_rule,
+        "media": [cfg.max_audio_seconds, cfg.max_pixels],
+        "dtype": cfg.resolved_dtype(),
+        "load_in_4bit": cfg.load_in_4bit,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def load_model(
+    model: str,
+    adapter: str | None = None,
+    merged: str | None = None,
+    dtype: str = "float32",
+    load_in_4bit: bool = False,
+    device: str | torch.device | None = None,
+    max_pixels: int = 256 * 28 * 28,
+):
+    """(model in eval mode, processor) for a base checkpoint, base + adapter, or a merged checkpoint.
+
+    Shared by `eval` and `infer`. A merged folder is loaded as the base (thinker-only or full Omni both
+    work); its processor is read from it when it holds one, else from `model`.
+    """
+    quantization = None
+    if load_in_4bit:
+        from .recipe import QuantizationSection
+
+        quantization = QuantizationSection(load_in_4bit=True)
+    weights = merged or model
+    try:
+        processor = load_processor(weights, max_pixels=max_pixels)
+    except ModelLoadError:
+        if not merged:
+            raise
+        processor = load_processor(model, max_pixels=max_pixels)
+    thinker = load_thinker(weights, dtype=dtype, quantization=quantization, device=device)
+    if adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelLoadError(
+                f"{adapter} holds no adapter_config.json; pass the adapter folder a training run saved "
+                "(e.g. runs/NAME/adapter), or use --merged for a merged checkpoint"
+            )
+        thinker = load_adapter(thinker, adapter)
+    thinker.eval()
+    return thinker, processor
+
+
+def load_eval_model(cfg: EvalConfig):
+    """(model, processor) for an EvalConfig: base, base + adapter (a PeftModel) or merged."""
+    return load_model(
+        cfg.model, adapter=cfg.adapter, merged=cfg.merged, dtype=cfg.resolved_dtype(),
+        load_in_4bit=cfg.load_in_4bit, device=cfg.resolved_device(), max_pixels=cfg.max_pixels,
+    )
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    label: str
+    n_rows: int  # rows with predictions (resumed + new)
+    n_samples: int  # (row, sample) predictions
+    accuracy: float | None  # mean over all samples; None when nothing could be evaluated
+    accuracy_per_sample: list[float]  # accuracy of sample index k over the rows, k = 0..K-1
+    accuracy_mean: float | None  # mean of accuracy_per_sample
+    accuracy_spread: float | None  # sample standard deviation of accuracy_per_sample (None when K = 1)
+    format_failure_rate: float | None
+    bad_rows: dict[str, int]  # reason -> rows
+    rows_per_second: float | None  # rows generated in this run / seconds; None when all were resumed
+    parse_rule: str
+    predictions_path: str
+    resumed_samples: int = 0
+    generated_samples: int = 0
+    bad_row_details: list[str] = field(default_factory=list)
+
+    @property
+    def n_bad_rows(self) -> int:
+        return sum(self.bad_rows.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["n_bad_rows"] = self.n_bad_rows
+        return out
+
+
+def _read_done(path: Path, label: str, settings: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """Lines already written for `label`, keyed by (problem_id as text, sample). Refuses other settings."""
+    done: dict[tuple[str, int], dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    mismatched = 0
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash: that pair is generated again
+            if not isinstance(rec, dict) or rec.get("label") != label:
+                continue
+            if rec.get("settings") != settings:
+                mismatched += 1
+                continue
+            done[(str(rec["problem_id"]), int(rec["sample"]))] = rec
+    if mismatched:
+        raise EvalError(
+            f"{path} already holds {mismatched} '{label}' predictions made with other settings (model, adapter, "
+            "data, decoding, media caps, dtype or parse rule differ). Resuming would mix the two runs: "
+            "pass another --out, or delete the file to start over."
+        )
+    return done
+
+
+def _open_for_append(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    needs_newline = False
+    if path.is_file() and path.stat().st_size > 0:
+        with path.open("rb") as f:
+            f.seek(-1, 2)
+            needs_newline = f.read(1) != b"\n"
+    f = path.open("a", encoding="utf-8")
+    if needs_newline:  # a crash mid-line: keep the next line parseable
+        f.write("\n")
+    return f
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def evaluate_rows(
+    model,
+    processor,
+    rows: list[Row],
+    cfg: EvalConfig,
+    predictions_path: str | Path,
+    label: str,
+    console=None,
+    *,
+    bad_rows: dict[str, int] | None = None,
+    bad_row_details: list[str] | None = None,
+) -> EvalResult:
+    """Generate, parse and score `rows` (K = cfg.samples completions each) into `predictions_path`.
+
+    `bad_rows` / `bad_row_details` carry rows the data scan already rejected, so one result reports
+    every bad row. Rows whose media fail to decode or whose prompt is too long are added here.
+    """
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = console or Console()
+    path = Path(predictions_path)
+    settings = settings_hash(cfg, label)
+    done = _read_done(path, label, settings)
+    bad = Counter(bad_rows or {})
+    details = list(bad_row_details or [])
+    tokenizer = processor.tokenizer
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    gen_kw = generation_kwargs(
+        tokenizer, do_sample=cfg.do_sample, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        top_p=cfg.top_p, top_k=cfg.top_k, suppress_ids=multimodal_token_ids(tokenizer),
+    )
+    device = _model_device(model)
+    float_dtype = torch_dtype(cfg.resolved_dtype())
+
+    # Work items: (row, sample) pairs not yet in the file, row-major, so a batch of `batch_size` rows
+    # holds each row's K samples side by side (the same layout as collate(repeats=K)).
+    records: dict[tuple[str, int], dict[str, Any]] = {}
+    pending_rows: list[tuple[Row, list[int]]] = []
+    for row in rows:
+        missing = []
+        for k in range(cfg.samples):
+            key = (str(row.problem_id), k)
+            if key in done:
+                records[key] = done[key]
+            else:
+                missing.append(k)
+        if missing:
+            pending_rows.append((row, missing))
+    resumed = len(records)
+    if resumed:
+        console.print(f"{label}: resuming, {resumed} predictions already in {escape(str(path))}", highlight=False)
+
+    if cfg.do_sample:
+        torch.manual_seed(cfg.seed)
+    generated_rows = 0
+    generated = 0
+    seconds = 0.0
+    out_file = _open_for_append(path) if pending_rows else None
+    try:
+        with Progress(
+            TextColumn(escape(f"eval {label}")), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            console=console, transient=True,
+        ) as progress:
+            task = progress.add_task("rows", total=len(pending_rows))
+            for batch_rows in _chunks(pending_rows, cfg.batch_size):
+                start = time.perf_counter()
+                encoded, items = [], []  # items: (row, sample) per batch sequence
+                for row, missing in batch_rows:
+                    try:
+                        example = load_example(row, max_audio_seconds=cfg.max_audio_seconds, max_pixels=cfg.max_pixels)
+                        enc = encode_example(processor, example, max_prompt_tokens=cfg.max_prompt_tokens)
+                    except MediaError as err:
+                        bad[err.reason] += 1
+                        details.append(f"{err.reason}: {err.detail}")
+                        continue
+                    except PromptTooLongError as err:
+                        bad[PROMPT_TOO_LONG] += 1
+                        details.append(f"{PROMPT_TOO_LONG}: {err}")
+                        continue
+                    for k in missing:
+                        encoded.append(enc)
+                        items.append((row, k))
+                if items:
+                    batch = to_device(collate(encoded, pad_token_id=pad_id), device, float_dtype)
+                    with torch.no_grad():
+                        sequences = model.generate(**batch, **gen_kw)
+                    completion_ids = sequences[:, batch["input_ids"].shape[1]:].cpu()
+                    texts = decode_completions(tokenizer, completion_ids, completion_mask(completion_ids, eos_id))
+                    for (row, k), text in zip(items, texts):
+                        parsed = parse_answer(text, row.letters, cfg.lenient)
+                        rec = {
+                            "problem_id": row.problem_id, "sample": k, "label": label, "completion": text,
+                            "parsed": parsed, "gold": row.answer, "correct": parsed == row.answer,
+                            "format_ok": format_ok(text), "settings": settings,
+                        }
+                        out_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        records[(str(row.problem_id), k)] = rec
+                    out_file.flush()
+                    generated += len(items)
+                    generated_rows += len({str(row.problem_id) for row, _ in items})
+                seconds += time.perf_counter() - start
+                progress.advance(task, len(batch_rows))
+    finally:
+        if out_file is not None:
+            out_file.close()
+
+    # Metrics over every row of this evaluation with predictions (resumed and new).
+    per_sample: list[list[bool]] = [[] for _ in range(cfg.samples)]
+    formats: list[bool] = []
+    evaluated_rows = set()
+    for (pid, k), rec in records.items():
+        per_sample[k].append(bool(rec["correct"]))
+        formats.append(bool(rec["format_ok"]))
+        evaluated_rows.add(pid)
+    n_samples = len(formats)
+    accuracy = sum(sum(s) for s in per_sample) / n_samples if n_samples else None
+    acc_per_k = [sum(s) / len(s) for s in per_sample if s]
+    spread = statistics.stdev(acc_per_k) if len(acc_per_k) > 1 else None
+    return EvalResult(
+        label=label,
+        n_rows=len(evaluated_rows),
+        n_samples=n_samples,
+        accuracy=accuracy,
+        accuracy_per_sample=acc_per_k,
+        accuracy_mean=statistics.fmean(acc_per_k) if acc_per_k else None,
+        accuracy_spread=spread,
+        format_failure_rate=(1 - sum(formats) / n_samples) if n_samples else None,
+        bad_rows=dict(bad),
+        rows_per_second=(generated_rows / seconds) if generated_rows and seconds > 0 else None,
+        parse_rule=cfg.parse_rule,
+        predictions_path=str(path),
+        resumed_samples=resumed,
+        generated_samples=generated,
+        bad_row_details=details,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A whole evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
+
+
+def print_summary(results: list[EvalResult], console, difference_pp: float | None = None) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="evaluation")
+    for name, justify in (("label", "left"), ("rows", "right"), ("accuracy", "right"), ("format failures", "right"),
+                          ("bad rows", "right"), ("rows/s", "right"), ("parse rule", "left")):
+        table.add_column(name, justify=justify)
+    for r in results:
+        acc = _pct(r.accuracy)
+        if r.accuracy_spread is not None:
+            acc += f" ± {100 * r.accuracy_spread:.2f} pp (K={len(r.accuracy_per_sample)})"
+        bad = str(r.n_bad_rows)
+        if r.bad_rows:
+            bad += " (" + ", ".join(f"{k}: {v}" for k, v in r.bad_rows.items()) + ")"
+        rate = "-" if r.rows_per_second is None else f"{r.rows_per_second:.2f}"
+        table.add_row(r.label, str(r.n_rows), acc, _pct(r.format_failure_rate), bad, rate, r.parse_rule)
+    console.print(table)
+    if difference_pp is not None:
+        console.print(f"adapter - base: {difference_pp:+.2f} percentage points", highlight=False)
+    shown = 5
+    details = results[0].bad_row_details if results else []
+    for line in details[:shown]:
+        console.print(f"[red]bad row[/] {escape(line)}", highlight=False)
+    if len(details) > shown:
+        console.print(f"... and {len(details) - shown} more bad rows; run `echoink-lite data check` to list them")
+    if results:
+        console.print(f"predictions: {escape(results[0].predictions_path)}", highlight=False)
+
+
+def summary_path(predictions_path: str | Path) -> Path:
+    p = Path(predictions_path)
+    return p.with_name(p.stem + ".summary.json")
+
+
+def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
+    """Scan the split, load the model once, evaluate (base and adapter with compare_base), summarise."""
+    from rich.console import Console
+
+    console = console or Console()
+    scan = scan_split(cfg.data)
+    enforce_bad_fraction(scan, cfg.max_bad_fraction, "evaluation split")
+    rows = scan.rows[: cfg.limit] if cfg.limit else scan.rows
+    # With a limit, report the rejects among the file rows that the limit covers.
+    last_index = rows[-1].index if cfg.limit else math.inf
+    rejects = [r for r in scan.rejects if r.index <= last_index]
+    scan_bad = dict(Counter(r.reason for r in rejects))
+    scan_details = [f"{r.reason}: {r.detail}" for r in rejects]
+
+    path = cfg.predictions_path()
+    label = "adapter" if cfg.adapter else "merged" if cfg.merged else "base"
+    labels = ["base", label] if cfg.compare_base else [label]
+    for name in labels:  # refuse a predictions file from other settings before loading the model
+        _read_done(path, name, settings_hash(cfg, name))
+    model, processor = load_eval_model(cfg)
+    results: list[EvalResult] = []
+    kw = dict(bad_rows=scan_bad, bad_row_details=scan_details)
+    if cfg.compare_base:
+        with model.disable_adapter():
+            results.append(evaluate_rows(model, processor, rows, cfg, path, "base", console, **kw))
+    results.append(evaluate_rows(model, processor, rows, cfg, path, label, console, **kw))
+
+    difference_pp = None
+    if cfg.compare_base and results[0].accuracy is not None and results[1].accuracy is not None:
+        difference_pp = 100 * (results[1].accuracy - results[0].accuracy)
+    print_summary(results, console, difference_pp)
+
+    config = asdict(cfg)
+    config.update(dtype=cfg.resolved_dtype(), out=str(path))
+    summary = {
+        "data": str(scan.source_file),
+        "rows_in_split": scan.total,
+        "rows_evaluated": len(rows),
+        "parse_rule": cfg.parse_rule,
+        "predictions_path": str(path),
+        "results": [r.to_dict() for r in results],
+        "difference_pp": difference_pp,
+        "config": config,
+    }
+    summary_file = summary_path(path)
+    summary_file.parent.mkdir(parents=True, exist_ok=True)
+    summary_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Command line (wired into `echoink-lite eval` by cli.py)
+# --------------------------------------------------------------------------------------------
+
+
+def add_eval_arguments(parser) -> None:
+    a = parser.add_argument
+    a("--model", default="Qwen/Qwen2.5-Omni-7B", help="base checkpoint: Hub id or local folder (full Omni or thinker-only)")
+    a("--adapter", default=None, help="LoRA adapter folder saved by a training run, applied on --model")
+    a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model (not with --adapter)")
+    a("--data", default="data/avqa/valid", help="split folder (AVQA layout) or its JSON list")
+    a("--out", default=None, help="predictions JSONL (default: ADAPTER_OR_MERGED_DIR/predictions.jsonl, else ./eval/); reruns resume it")
+    a("--batch-size", type=int, default=8, help="rows per generate call (each repeated --samples times)")
+    a("--max-new-tokens", type=int, default=768, help="completion budget (the paper: 768)")
+    a("--sample", action="store_true", help="sample like the paper's protocol (temperature 1, top_p 0.95) instead of greedy")
+    a("--temperature", type=float, default=None, help="sampling temperature (with --sample; default 1.0)")
+    a("--top-p", type=float, default=None, help="nucleus sampling (with --sample; default 0.95)")
+    a("--samples", type=int, default=1, metavar="K", help="completions per row (with --sample); reports mean ± spread")
+    a("--seed", type=int, default=0, help="sampling seed")
+    a("--lenient", action="store_true", help="the original's fallback parser: first standalone option letter if no <answer> tag (counts the word 'a' as A)")
+    a("--limit", type=int, default=None, help="only the first N usable rows")
+    a("--compare-base", action="store_true", help="also score the base model (adapter switched off) and print the difference")
+    a("--load-in-4bit", action="store_true", help="load the language model in 4-bit NF4 (less memory, slightly different scores)")
+    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    a("--max-audio-seconds", type=float, default=10.0, help="audio cut (the paper: 10 s)")
+    a("--max-pixels", type=int, default=256 * 28 * 28, help="image pixel cap (the paper: 256*28*28)")
+
+
+def config_from_args(args) -> EvalConfig:
+    if not args.sample and (args.temperature is not None or args.top_p is not None):
+        raise EvalError("--temperature and --top-p apply to sampling; add --sample (without it decoding is greedy)")
+    return EvalConfig(
+        model=args.model, adapter=args.adapter, merged=args.merged, data=args.data, out=args.out,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        temperature=PAPER_TEMPERATURE if args.temperature is None else args.temperature,
+        top_p=PAPER_TOP_P if args.top_p is None else args.top_p,
+        samples=args.samples, seed=args.seed, lenient=args.lenient, limit=args.limit,
+        compare_base=args.compare_base, load_in_4bit=args.load_in_4bit, dtype=args.dtype,
+        max_audio_seconds=args.max_audio_seconds, max_pixels=args.max_pixels,
+    )
+
+
+def eval_command(args, console=None) -> int:
+    """`echoink-lite eval ...`: 0 on success; 1 with a one-line error for settings, data or model problems."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console or Console()
+    try:
+        run_eval(config_from_args(args), console=console)
+    except (EvalError, DataError, ModelLoadError) as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        return 1
+    return 0

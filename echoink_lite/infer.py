@@ -1,0 +1,162 @@
+"""Ask a (trained) thinker one audio + image question: `echoink-lite infer`.
+
+The question goes through the same prompt path as training and evaluation: with `--options` the text is
+the paper's prompt (question, options, reasoning instruction), built by `data.build_prompt_text`; without
+options the question is sent as written. Media get the training caps (16 kHz mono, first 10 s; pixel cap).
+The completion streams to the terminal as it is generated, then a panel shows the reasoning (`<think>`)
+and the answer (`<answer>`, parsed strictly against the option letters when options are given).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DataError, build_prompt_text, extract_answer, load_audio, load_image
+from .evaluate import PAPER_TEMPERATURE, PAPER_TOP_P, EvalError, load_model, parse_answer
+from .modeling import ModelLoadError, default_device, multimodal_token_ids
+from .prompting import collate, completion_mask, decode_completions, encode_text_prompt, generation_kwargs, to_device
+
+_THINK_RE = re.compile(r"<think>\s*(.*?)\s*</think>", re.DOTALL)
+_LETTERED = re.compile(r"^[A-Z]\. ")
+
+
+def _normalise_options(options: list[str]) -> list[str]:
+    """Options as "A. ...", "B. ...": given that way, or lettered here when none carries a letter."""
+    lettered = [bool(_LETTERED.match(o)) for o in options]
+    if all(lettered):
+        return list(options)
+    if not any(lettered):
+        if len(options) > 26:
+            raise DataError(f"at most 26 options, got {len(options)}")
+        return [f"{chr(ord('A') + i)}. {o}" for i, o in enumerate(options)]
+    raise DataError(
+        f"options {options!r} mix lettered and unlettered entries; write all as \"A. ...\", \"B. ...\" or none"
+    )
+
+
+def _load_media(audio_path, image_path, max_audio_seconds: float, max_pixels: int):
+    for kind, path in (("audio", audio_path), ("image", image_path)):
+        if not Path(path).is_file():
+            raise DataError(f"{kind} file {path} does not exist; check the --{kind} path")
+    try:
+        audio = load_audio(audio_path, max_seconds=max_audio_seconds)
+    except Exception as err:
+        raise DataError(f"audio file {audio_path} cannot be decoded ({err}); pass a WAV/FLAC/OGG file") from err
+    if audio.size == 0:
+        raise DataError(f"audio file {audio_path} holds no samples")
+    try:
+        image = load_image(image_path, max_pixels=max_pixels)
+    except Exception as err:
+        raise DataError(f"image file {image_path} cannot be decoded ({err}); pass a JPEG/PNG file") from err
+    return audio, image
+
+
+def infer(
+    model,
+    processor,
+    audio_path: str | Path,
+    image_path: str | Path,
+    question: str,
+    options: list[str] | None = None,
+    max_new_tokens: int = 768,
+    do_sample: bool = False,
+    temperature: float = PAPER_TEMPERATURE,
+    top_p: float = PAPER_TOP_P,
+    stream: bool = True,
+    console=None,
+    max_audio_seconds: float = 10.0,
+    max_pixels: int = 256 * 28 * 28,
+) -> dict[str, Any]:
+    """Generate one completion. Returns completion, think, answer, prompt_tokens, new_tokens.
+
+    `answer` is the strictly parsed option letter when options are given (None if the model gave none of
+    them), else the `<answer>` text as written. With `stream`, text is printed to stdout as it comes.
+    """
+    from transformers import TextStreamer
+
+    audio, image = _load_media(audio_path, image_path, max_audio_seconds, max_pixels)
+    opts = _normalise_options(options) if options else None
+    text = build_prompt_text(question, opts) if opts else question
+    tokenizer = processor.tokenizer
+    enc = encode_text_prompt(processor, text, image, audio)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    param = next(model.parameters())
+    float_dtype = param.dtype if param.is_floating_point() else None
+    if float_dtype is not None and float_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        float_dtype = None
+    batch = to_device(collate([enc], pad_token_id=pad_id), param.device, float_dtype)
+    kw = generation_kwargs(
+        tokenizer, do_sample=do_sample, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=50, suppress_ids=multimodal_token_ids(tokenizer),
+    )
+    if stream:
+        kw["streamer"] = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.no_grad():
+        sequences = model.generate(**batch, **kw)
+    if stream:
+        print(flush=True)  # the streamer ends without a newline when max_new_tokens cuts the text
+    completion_ids = sequences[:, batch["input_ids"].shape[1]:].cpu()
+    mask = completion_mask(completion_ids, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    completion = decode_completions(tokenizer, completion_ids, mask)[0]
+    think = _THINK_RE.search(completion)
+    if opts:
+        answer = parse_answer(completion, tuple(o[0] for o in opts), lenient=False)
+    else:
+        answer = extract_answer(completion)
+    return {
+        "completion": completion,
+        "think": think.group(1) if think else None,
+        "answer": answer,
+        "prompt_tokens": enc.length,
+        "new_tokens": int(mask.sum()),
+    }
+
+
+def add_infer_arguments(parser) -> None:
+    a = parser.add_argument
+    a("--model", default="Qwen/Qwen2.5-Omni-7B", help="base checkpoint: Hub id or local folder")
+    a("--adapter", default=None, help="LoRA adapter folder, applied on --model")
+    a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model")
+    a("--audio", required=True, help="audio file (first 10 s used, 16 kHz mono)")
+    a("--image", required=True, help="image file")
+    a("--question", required=True, help="the question")
+    a("--options", nargs="+", default=None, help='answer options, e.g. "A. cat" "B. dog" (letters added if missing); '
+      "with options the paper's reasoning prompt is used")
+    a("--max-new-tokens", type=int, default=768, help="completion budget")
+    a("--sample", action="store_true", help="sample (temperature 1, top_p 0.95) instead of greedy")
+    a("--no-stream", action="store_true", help="print only the final panel, not the tokens as they come")
+    a("--load-in-4bit", action="store_true", help="load the language model in 4-bit NF4")
+    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def infer_command(args, console=None) -> int:
+    """`echoink-lite infer ...`: stream the completion, then a panel with reasoning and answer."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.panel import Panel
+
+    console = console or Console()
+    try:
+        if args.adapter and args.merged:
+            raise EvalError("--adapter and --merged are alternatives: pass one of them")
+        dtype = args.dtype or ("bfloat16" if default_device().type == "cuda" else "float32")
+        model, processor = load_model(
+            args.model, adapter=args.adapter, merged=args.merged, dtype=dtype, load_in_4bit=args.load_in_4bit,
+        )
+        result = infer(
+            model, processor, args.audio, args.image, args.question, options=args.options,
+            max_new_tokens=args.max_new_tokens, do_sample=args.sample, stream=not args.no_stream, console=console,
+        )
+    except (EvalError, DataError, ModelLoadError) as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        return 1
+    think = result["think"] if result["think"] is not None else "(no <think> block)"
+    answer = result["answer"] if result["answer"] is not None else "(no valid answer)"
+    body = f"[bold]reasoning[/]\n{escape(think)}\n\n[bold]answer[/] {escape(answer)}"
+    footer = f"{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens"
+    console.print(Panel(body, title="echoink-lite infer", subtitle=footer))
+    return 0

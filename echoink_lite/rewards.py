@@ -1,0 +1,88 @@
+"""The paper's rewards, and a registry so a recipe can name them or a user's own function.
+
+A reward function takes the decoded completions and keyword arguments with the rows' fields
+(`solution`, `answer`, `options`, `problem_id`, `problem`) and returns one float per completion, in the same
+calling convention as TRL's reward functions. A recipe lists rewards by name with weights:
+
+    grpo:
+      rewards: {accuracy: 1.0, format: 1.0, "my_pkg.my_rewards:length_penalty": 0.1}
+
+Built-ins reproduce EchoInk-R1 exactly (field notes §1): accuracy compares the text inside
+`<answer>...</answer>` of the completion and of the solution; format requires
+`<think>...</think><answer>...</answer>` with no repeated tags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Callable
+
+from .data import extract_answer
+
+FORMAT_PATTERN = r"^(?!.*<think>.*<think>)(?!.*<answer>.*<answer>)<think>[\s\S]+?</think>\s*<answer>[\s\S]+?</answer>$"
+_FORMAT_RE = re.compile(FORMAT_PATTERN, re.DOTALL)
+
+RewardFn = Callable[..., list[float]]
+
+
+def accuracy_reward(completions: list[str], solution: list[str], **_) -> list[float]:
+    """1.0 when the completion's <answer> text equals the solution's, else 0.0 (no tag -> 0.0)."""
+    out = []
+    for completion, sol in zip(completions, solution):
+        got = extract_answer(completion)
+        want = extract_answer(sol)
+        if want is None:
+            want = sol.strip()
+        out.append(1.0 if got is not None and got == want else 0.0)
+    return out
+
+
+def format_reward(completions: list[str], **_) -> list[float]:
+    """1.0 iff the stripped completion fully matches the paper's think/answer pattern."""
+    return [1.0 if _FORMAT_RE.fullmatch(c.strip()) else 0.0 for c in completions]
+
+
+BUILTIN_REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}
+
+
+class RewardError(ValueError):
+    pass
+
+
+def resolve_reward(name: str) -> RewardFn:
+    """A built-in name, or 'package.module:function' / 'package.module.function' of the user's own."""
+    if name in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[name]
+    module_name, sep, attr = name.partition(":")
+    if not sep:
+        module_name, _, attr = name.rpartition(".")
+    if not module_name or not attr:
+        raise RewardError(
+            f"unknown reward '{name}': built-ins are {sorted(BUILTIN_REWARDS)}; "
+            "a reward of your own is written 'package.module:function'"
+        )
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise RewardError(f"cannot import reward '{name}': {err}. Check the module is importable (PYTHONPATH).") from None
+    if not callable(fn):
+        raise RewardError(f"reward '{name}' is not callable")
+    return fn
+
+
+def resolve_rewards(spec: dict[str, float]) -> list[tuple[str, RewardFn, float]]:
+    return [(name, resolve_reward(name), float(weight)) for name, weight in spec.items()]
+
+
+def compute_rewards(rewards: list[tuple[str, RewardFn, float]], completions: list[str], **columns) -> tuple[list[float], dict[str, list[float]]]:
+    """(weighted total per completion, each reward's raw values by name)."""
+    per_name: dict[str, list[float]] = {}
+    total = [0.0] * len(completions)
+    for name, fn, weight in rewards:
+        values = [float(v) for v in fn(completions, **columns)]
+        if len(values) != len(completions):
+            raise RewardError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
+        per_name[name] = values
+        total = [t + weight * v for t, v in zip(total, values)]
+    return total, per_name

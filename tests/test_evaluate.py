@@ -1,0 +1,329 @@
+"""Tests for echoink_lite.evaluate: answer parsing, metrics against hand counts, the predictions file,
+resume, bad-row accounting, base-vs-adapter comparison, and a real end-to-end run of the tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from echoink_lite import evaluate
+from echoink_lite.data import scan_split
+from echoink_lite.evaluate import (
+    EvalConfig,
+    EvalError,
+    add_eval_arguments,
+    eval_command,
+    evaluate_rows,
+    format_ok,
+    load_eval_model,
+    parse_answer,
+    run_eval,
+)
+
+LETTERS = ("A", "B", "C", "D")
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200, color_system=None)
+
+
+def gold_letters(split_dir: Path) -> list[str]:
+    (list_file,) = split_dir.glob("omni_rl_format_*.json")
+    return [item["solution"][len("<answer>"):-len("</answer>")] for item in json.loads(list_file.read_text())]
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# parse_answer / format_ok
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "completion, strict, lenient",
+    [
+        ("<think>red low</think><answer>A</answer>", "A", "A"),
+        ("<think>x</think><answer>  C \n</answer>", "C", "C"),
+        ("<think>x</think><answer>\nB\n</answer>", "B", "B"),
+        ("<think>x</think><answer>b</answer>", None, "B"),  # lowercase: strict rejects, fallback finds "b"
+        ("<think>x</think><answer>(B)</answer>", None, "B"),
+        ("<think>x</think><answer>B.</answer>", None, "B"),
+        ("The answer is B", None, "B"),
+        ("I see a cat", None, "A"),  # the documented trap: the word "a" counts as A when lenient
+        ("<think>x</think><answer>E</answer>", None, None),  # not among the options
+        ("The answer is E", None, None),
+        ("no letter here", None, None),
+        ("<answer>D</answer><answer>A</answer>", "D", "D"),  # the first tag counts, as in the reward
+    ],
+)
+def test_parse_answer_strict_and_lenient(completion, strict, lenient):
+    assert parse_answer(completion, LETTERS, lenient=False) == strict
+    assert parse_answer(completion, LETTERS, lenient=True) == lenient
+
+
+def test_parse_answer_lenient_is_limited_to_the_rows_letters():
+    assert parse_answer("The answer is C", ("A", "B"), lenient=True) is None
+    assert parse_answer("maybe c, or b", ("A", "B", "C"), lenient=True) == "C"
+
+
+def test_format_ok_is_the_papers_pattern():
+    assert format_ok("<think>x</think><answer>A</answer>")
+    assert format_ok("  <think>x</think>\n<answer>A</answer>\n")
+    assert not format_ok("<think>x</think><answer>A</answer> trailing")
+    assert not format_ok("<think>x</think><think>y</think><answer>A</answer>")
+    assert not format_ok("<answer>A</answer>")
+    assert evaluate.FORMAT_PATTERN.startswith("^(?!.*<think>.*<think>)")
+
+
+# ---------------------------------------------------------------------------------------------
+# A loaded tiny model whose completions we script
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir, synth_dir):
+    cfg = EvalConfig(model=str(tiny_model_dir), data=str(synth_dir / "valid"))
+    return load_eval_model(cfg)
+
+
+class ScriptedGenerate:
+    """Replaces model.generate: the n-th generated sequence (in evaluation order) gets script(n)."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script = tokenizer, script
+        self.calls = self.sequences = 0
+
+    def __call__(self, input_ids, **kwargs):
+        self.calls += 1
+        pad = self.tokenizer.pad_token_id
+        comps = []
+        for _ in range(input_ids.shape[0]):
+            comps.append(self.tokenizer.encode(self.script(self.sequences) + "<|im_end|>"))
+            self.sequences += 1
+        width = max(len(c) for c in comps) + 2  # trailing pad after <|im_end|>, as real batches have
+        comp = torch.tensor([c + [pad] * (width - len(c)) for c in comps], dtype=torch.long)
+        return torch.cat([input_ids, comp.to(input_ids.device)], dim=1)
+
+
+def tag(letter: str) -> str:
+    return f"<think>x</think><answer>{letter}</answer>"
+
+
+def test_accuracy_and_format_rate_match_a_hand_count(loaded, synth_dir, tmp_path, monkeypatch):
+    model, processor = loaded
+    split = synth_dir / "valid"
+    gold = gold_letters(split)
+    wrong = {g: LETTERS[(LETTERS.index(g) + 1) % 4] for g in LETTERS}
+    # Row by row: right, right, right, wrong letter, right, no tags, lowercase in tag, right + trailing text.
+    completions = [
+        tag(gold[0]), tag(gold[1]), tag(gold[2]), tag(wrong[gold[3]]), tag(gold[4]),
+        f"The answer is {gold[5]}", tag(gold[6].lower()), tag(gold[7]) + " done",
+    ]
+    fake = ScriptedGenerate(processor.tokenizer, lambda n: completions[n])
+    monkeypatch.setattr(model, "generate", fake)
+
+    rows = scan_split(split).rows
+    out = tmp_path / "pred.jsonl"
+    cfg = EvalConfig(data=str(split), batch_size=3, max_new_tokens=16)
+    result = evaluate_rows(model, processor, rows, cfg, out, "base", quiet())
+
+    # Hand count: correct rows 0, 1, 2, 4, 7 (strict); format failures rows 5 and 7.
+    assert result.accuracy == pytest.approx(5 / 8)
+    assert result.format_failure_rate == pytest.approx(2 / 8)
+    assert (result.n_rows, result.n_samples, result.generated_samples) == (8, 8, 8)
+    assert fake.calls == 3  # ceil(8 / 3) generate calls
+    assert result.parse_rule == "strict" and result.bad_rows == {}
+
+    lines = read_lines(out)
+    assert len(lines) == 8
+    assert set(lines[0]) >= {"problem_id", "sample", "label", "completion", "parsed", "gold", "correct", "format_ok"}
+    assert [line["problem_id"] for line in lines] == list(range(8))
+    assert [line["completion"] for line in lines] == completions  # decoded exactly, cut at <|im_end|>
+    assert [line["correct"] for line in lines] == [True, True, True, False, True, False, False, True]
+    assert [line["format_ok"] for line in lines] == [True] * 5 + [False, True, False]
+    assert lines[5]["parsed"] is None and lines[3]["gold"] == gold[3]
+    assert {line["label"] for line in lines} == {"base"} and {line["sample"] for line in lines} == {0}
+
+    # The same completions under the lenient rule: rows 5 and 6 now count too.
+    fake2 = ScriptedGenerate(processor.tokenizer, lambda n: completions[n])
+    monkeypatch.setattr(model, "generate", fake2)
+    lenient = evaluate_rows(model, processor, rows, EvalConfig(data=str(split), lenient=True), tmp_path / "l.jsonl", "base", quiet())
+    assert lenient.accuracy == pytest.approx(7 / 8) and lenient.parse_rule == "lenient"
+
+
+def test_k_samples_report_mean_and_spread(loaded, synth_dir, tmp_path, monkeypatch):
+    model, processor = loaded
+    split = synth_dir / "valid"
+    gold = gold_letters(split)
+    wrong = {g: LETTERS[(LETTERS.index(g) + 1) % 4] for g in LETTERS}
+
+    def script(n):  # row-major: sequence n is row n // 2, sample n % 2
+        row, k = divmod(n, 2)
+        return tag(gold[row] if k == 0 or row < 2 else wrong[gold[row]])
+
+    fake = ScriptedGenerate(processor.tokenizer, script)
+    monkeypatch.setattr(model, "generate", fake)
+    rows = scan_split(split).rows[:4]
+    cfg = EvalConfig(data=str(split), do_sample=True, samples=2, batch_size=4, seed=3)
+    result = evaluate_rows(model, processor, rows, cfg, tmp_path / "k.jsonl", "adapter", quiet())
+    assert fake.calls == 1 and fake.sequences == 8  # 4 rows x K=2 in one generate call
+    assert result.accuracy_per_sample == [1.0, 0.5]
+    assert result.accuracy == pytest.approx(0.75) and result.accuracy_mean == pytest.approx(0.75)
+    assert result.accuracy_spread == pytest.approx(statistics.stdev([1.0, 0.5]))
+    assert sorted((line["problem_id"], line["sample"]) for line in read_lines(tmp_path / "k.jsonl")) == [
+        (i, k) for i in range(4) for k in range(2)
+    ]
+
+
+def test_resume_generates_only_missing_rows(loaded, synth_dir, tmp_path, monkeypatch):
+    model, processor = loaded
+    split = synth_dir / "valid"
+    monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
+    out = tmp_path / "pred.jsonl"
+    base = dict(model="unused", data=str(split), out=str(out), batch_size=2, max_new_tokens=8)
+
+    first = ScriptedGenerate(processor.tokenizer, lambda n: tag("A"))
+    monkeypatch.setattr(model, "generate", first)
+    summary = run_eval(EvalConfig(**base, limit=4), console=quiet())
+    assert first.sequences == 4 and summary["results"][0]["n_rows"] == 4
+
+    second = ScriptedGenerate(processor.tokenizer, lambda n: tag("A"))
+    monkeypatch.setattr(model, "generate", second)
+    console = quiet()
+    summary = run_eval(EvalConfig(**base), console=console)
+    assert (second.calls, second.sequences) == (2, 4)  # only rows 4..7
+    assert "base: resuming, 4 predictions" in console.file.getvalue()
+    result = summary["results"][0]
+    assert result["n_rows"] == 8 and result["resumed_samples"] == 4 and result["generated_samples"] == 4
+    gold = gold_letters(split)
+    assert result["accuracy"] == pytest.approx(gold.count("A") / 8)  # every row answered "A"
+    assert sorted(line["problem_id"] for line in read_lines(out)) == list(range(8))
+    assert json.loads((tmp_path / "pred.summary.json").read_text())["results"][0]["n_rows"] == 8
+
+    # A third run with other decoding settings must not blend into these lines.
+    with pytest.raises(EvalError, match="other settings"):
+        run_eval(EvalConfig(**{**base, "max_new_tokens": 9}), console=quiet())
+
+
+def test_resume_survives_a_line_cut_short(loaded, synth_dir, tmp_path, monkeypatch):
+    model, processor = loaded
+    split = synth_dir / "valid"
+    rows = scan_split(split).rows[:3]
+    out = tmp_path / "pred.jsonl"
+    cfg = EvalConfig(data=str(split), batch_size=3)
+    monkeypatch.setattr(model, "generate", ScriptedGenerate(processor.tokenizer, lambda n: tag("B")))
+    evaluate_rows(model, processor, rows, cfg, out, "base", quiet())
+    text = out.read_text()
+    out.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1] + '{"problem_id": 2, "sam')  # crash mid-line
+    again = ScriptedGenerate(processor.tokenizer, lambda n: tag("B"))
+    monkeypatch.setattr(model, "generate", again)
+    result = evaluate_rows(model, processor, rows, cfg, out, "base", quiet())
+    assert again.sequences == 1 and result.n_rows == 3
+    complete = [json.loads(x) for x in out.read_text().splitlines() if x.endswith("}")]
+    assert sorted(line["problem_id"] for line in complete) == [0, 1, 2]  # the cut line is left, never merged
+
+
+def test_bad_rows_are_counted_per_reason(loaded, synth_dir, tmp_path, monkeypatch):
+    model, processor = loaded
+    split = tmp_path / "valid"
+    shutil.copytree(synth_dir / "valid", split)
+    (split / "audios" / "sample_3.wav").unlink()  # rejected by the scan
+    monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
+    monkeypatch.setattr(model, "generate", ScriptedGenerate(processor.tokenizer, lambda n: tag("A")))
+    console = quiet()
+    summary = run_eval(EvalConfig(data=str(split), out=str(tmp_path / "p.jsonl")), console=console)
+    result = summary["results"][0]
+    assert result["bad_rows"] == {"missing_file": 1} and result["n_rows"] == 7
+    assert "missing_file" in console.file.getvalue() and "sample_3.wav" in console.file.getvalue()
+
+    # Media that break after the scan, and prompts over the cap, are counted too.
+    rows = scan_split(split).rows
+    (split / "images" / "sample_0.png").write_bytes(b"not a png")
+    result = evaluate_rows(model, processor, rows[:2], EvalConfig(data=str(split)), tmp_path / "q.jsonl", "base", quiet())
+    assert result.bad_rows == {"unreadable_image": 1} and result.n_rows == 1
+    result = evaluate_rows(
+        model, processor, rows[1:3], EvalConfig(data=str(split), max_prompt_tokens=50), tmp_path / "r.jsonl", "base", quiet()
+    )
+    assert result.bad_rows == {"prompt_too_long": 2} and result.n_rows == 0 and result.accuracy is None
+
+
+def test_config_errors_are_clear(tmp_path):
+    with pytest.raises(EvalError, match="not both"):
+        EvalConfig(adapter="a", merged="m")
+    with pytest.raises(EvalError, match="--compare-base needs --adapter"):
+        EvalConfig(compare_base=True)
+    with pytest.raises(EvalError, match="needs --sample"):
+        EvalConfig(samples=4)
+    assert EvalConfig(adapter=str(tmp_path)).predictions_path() == tmp_path / "predictions.jsonl"
+    assert EvalConfig().predictions_path() == Path("eval") / "predictions.jsonl"
+    assert EvalConfig(device="cpu").resolved_dtype() == "float32"
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    console = quiet()
+    assert eval_command(parser.parse_args(["--temperature", "0.7"]), console=console) == 1
+    assert "add --sample" in console.file.getvalue()
+    cfg = evaluate.config_from_args(parser.parse_args(["--sample", "--samples", "4", "--top-p", "0.9"]))
+    assert (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.samples) == (True, 1.0, 0.9, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Real generation with the tiny model
+# ---------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_greedy_eval_through_the_command(tiny_model_dir, synth_dir, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    out = tmp_path / "eval" / "predictions.jsonl"
+    args = parser.parse_args([
+        "--model", str(tiny_model_dir), "--data", str(synth_dir / "valid"), "--out", str(out),
+        "--limit", "4", "--max-new-tokens", "8", "--batch-size", "4",
+    ])
+    console = quiet()
+    assert eval_command(args, console=console) == 0
+    lines = read_lines(out)
+    assert len(lines) == 4 and {line["label"] for line in lines} == {"base"}
+    summary = json.loads((tmp_path / "eval" / "predictions.summary.json").read_text())
+    result = summary["results"][0]
+    assert result["n_rows"] == 4 and result["parse_rule"] == "strict" and result["rows_per_second"] > 0
+    assert result["accuracy"] == pytest.approx(sum(line["correct"] for line in lines) / 4)
+    text = console.file.getvalue()
+    assert "accuracy" in text and "strict" in text
+
+
+def test_compare_base_scores_both_labels_with_one_model(tiny_model_dir, synth_dir, tmp_path):
+    from echoink_lite.modeling import add_lora, load_thinker
+    from echoink_lite.recipe import LoraSection
+
+    thinker = load_thinker(str(tiny_model_dir), dtype="float32", device="cpu")
+    adapter_dir = tmp_path / "adapter"
+    add_lora(thinker, LoraSection(r=4, alpha=8), gradient_checkpointing=False, seed=0).save_pretrained(adapter_dir)
+
+    cfg = EvalConfig(
+        model=str(tiny_model_dir), adapter=str(adapter_dir), data=str(synth_dir / "valid"), compare_base=True,
+        limit=3, max_new_tokens=6, batch_size=3, device="cpu",
+    )
+    console = quiet()
+    summary = run_eval(cfg, console=console)
+    assert [r["label"] for r in summary["results"]] == ["base", "adapter"]
+    lines = read_lines(adapter_dir / "predictions.jsonl")  # default out: beside the adapter
+    assert sorted((line["label"], line["problem_id"]) for line in lines) == sorted(
+        [("base", i) for i in range(3)] + [("adapter", i) for i in range(3)]
+    )
+    # A fresh LoRA adds exactly zero, so greedy completions agree and the difference is 0 points.
+    by_label = {label: [line["completion"] for line in lines if line["label"] == label] for label in ("base", "adapter")}
+    assert by_label["base"] == by_label["adapter"]
+    assert summary["difference_pp"] == 0.0
+    assert "percentage points" in console.file.getvalue()
+    assert (adapter_dir / "predictions.summary.json").is_file()
