@@ -221,6 +221,7 @@ class TrainResult:
     adapter_dir: Path | None
     last_metrics: dict[str, Any]
     skipped_rows: int
+    model: Any = None  # the trained PeftModel (for notebooks and tests)
 
 
 def _console(console):
@@ -421,7 +422,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
         except FileNotFoundError:
             pass
         console.print(f"[bold green]done[/]: {step} steps, adapter in {adapter_dir}")
-    return TrainResult(run_dir, step, adapter_dir, last_metrics, counters["skipped_rows"])
+    return TrainResult(run_dir, step, adapter_dir, last_metrics, counters["skipped_rows"], model)
 
 
 def _load_training_state(path: Path, model, optimizer, scheduler, dst: Dist) -> None:

@@ -263,7 +263,9 @@ def _all_field_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> list[
 
 
 def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, _all_field_paths(), n=1, cutoff=0.5)
+    # Compare like with like: a section name with section names, a dotted key with dotted keys.
+    candidates = list(Recipe.model_fields) if "." not in key else _all_field_paths()
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
     if not close:  # a bare field name without its section, e.g. "group_size"
         leafs = {p.split(".")[-1]: p for p in _all_field_paths()}
         hit = difflib.get_close_matches(key.split(".")[-1], list(leafs), n=1, cutoff=0.6)

@@ -1,0 +1,194 @@
+"""GRPO on the tiny model: what changes, what the loss sees, rewards, resume, and failure handling."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from echoink_lite import checkpoints as ckpt
+from echoink_lite.grpo import TrainingError, completion_logps, group_advantages, grpo_loss, train
+from echoink_lite.recipe import recipe_from_dict
+from echoink_lite.rewards import accuracy_reward, compute_rewards, format_reward, resolve_rewards
+
+
+def tiny_recipe(model_dir, synth_dir, out, **over):
+    d = {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32", "gradient_checkpointing": True},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(synth_dir / "train"), "valid": str(synth_dir / "valid"), "max_audio_seconds": 1.0},
+        "grpo": {"prompts_per_step": 2, "group_size": 4, "micro_batch_size": 4, "rollout_batch_size": 8, "beta": 0.04,
+                 "rewards": {"rewards_for_tests:char_diversity": 1.0}, "logprob_chunk_tokens": 16},
+        "generation": {"max_completion_tokens": 8},
+        "schedule": {"learning_rate": 1e-2, "max_steps": 4, "seed": 3},
+        "checkpoint": {"output_dir": str(out), "save_every_steps": 2, "keep_last": 5},
+        "logging": {"progress": False},
+    }
+    for key, value in over.items():
+        section, field = key.split("__")
+        d.setdefault(section, {})[field] = value
+    return recipe_from_dict(d)
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_rewards_match_hand_computed_values():
+    completions = [
+        "<think>red and low</think><answer>A</answer>",  # right, well formed
+        "<think>hmm</think> <answer> B </answer>",  # wrong letter, well formed (spaces allowed)
+        "<answer>A</answer>",  # right, no think -> format 0
+        "<think>a</think><think>b</think><answer>A</answer>",  # two thinks -> format 0, accuracy 1
+        "The answer is A",  # no tags at all
+    ]
+    sol = ["<answer>A</answer>"] * 5
+    assert accuracy_reward(completions, solution=sol) == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert format_reward(completions) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    total, per = compute_rewards(resolve_rewards({"accuracy": 1.0, "format": 0.5}), completions, solution=sol)
+    assert total == [1.5, 0.5, 1.0, 1.0, 0.0]
+    assert per["format"] == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_unknown_reward_names_the_fix():
+    with pytest.raises(ValueError, match="built-ins are"):
+        resolve_rewards({"acuracy": 1.0})
+
+
+def test_group_advantages_and_loss_math():
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0])
+    adv, std = group_advantages(r, 4, 1e-4)
+    g = r[:4]
+    assert torch.allclose(adv[:4], (g - g.mean()) / (g.std() + 1e-4))
+    assert torch.all(adv[4:] == 0) and std[1] == 0  # a tied group carries no signal
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    loss, kl = grpo_loss(logps, None, torch.tensor([1.0, -1.0]), mask, 0.0, "sequence", 2.0)
+    assert loss.item() == pytest.approx((-1.0 + 1.0) / 2)  # ratio is 1: -(A) averaged per sequence
+    loss.backward()
+    # d loss / d logp = -A / (tokens of that sequence) / normaliser, and 0 on masked tokens
+    assert torch.allclose(logps.grad, torch.tensor([[-0.25, -0.25, 0.0], [1 / 6, 1 / 6, 1 / 6]]))
+    ref = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]]) + 0.1
+    _, kl = grpo_loss(logps.detach(), ref, torch.zeros(2), mask, 0.1, "sequence", 2.0)
+    assert torch.allclose(kl, torch.exp(torch.tensor(0.1)) - 0.1 - 1)
+
+
+def test_only_lora_changes_and_every_lora_parameter_does(tiny_model_dir, synth_dir, tmp_path):
+    from echoink_lite.modeling import add_lora, load_thinker_from_recipe
+
+    recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run", schedule__max_steps=3)
+    torch.manual_seed(recipe.schedule.seed)
+    fresh = add_lora(load_thinker_from_recipe(recipe, device="cpu"), recipe.lora, seed=recipe.schedule.seed)
+    before = {n: p.detach().clone() for n, p in fresh.named_parameters()}
+    before_buffers = {n: b.detach().clone() for n, b in fresh.named_buffers()}
+    res = train(recipe)
+    after = dict(res.model.named_parameters())
+    assert set(after) == set(before)
+    lora = [n for n in after if "lora_" in n]
+    assert lora and all(not any(t in n for t in ("audio_tower", "visual")) for n in lora)
+    unchanged_lora = [n for n in lora if torch.equal(after[n].detach(), before[n])]
+    assert unchanged_lora == [], f"LoRA parameters that did not move: {unchanged_lora[:3]}"
+    changed_other = [n for n in after if "lora_" not in n and not torch.equal(after[n].detach(), before[n])]
+    assert changed_other == [], f"non-LoRA parameters changed: {changed_other[:3]}"
+    changed_buffers = [n for n, b in res.model.named_buffers() if n in before_buffers and not torch.equal(b, before_buffers[n])]
+    assert changed_buffers == []
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["completion_length"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "run" / "curves.png").is_file()
+
+
+def test_audio_reaches_the_loss_forward(tiny_model_dir, synth_dir, tmp_path):
+    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.modeling import add_lora, load_processor, load_thinker_from_recipe
+    from echoink_lite.prompting import collate, encode_example
+
+    recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run")
+    model = add_lora(load_thinker_from_recipe(recipe, device="cpu"), recipe.lora, seed=0)
+    proc = load_processor(str(tiny_model_dir))
+    rows = scan_split(synth_dir / "train").rows
+    ex = load_example(rows[0], 1.0)
+    enc = encode_example(proc, ex)
+    comp = torch.tensor([proc.tokenizer("<think>red low</think>").input_ids])
+    batch = collate([enc], 1, proc.tokenizer.pad_token_id, completions=list(comp))
+    width = batch["input_ids"].shape[1] - comp.shape[1]
+    with torch.no_grad():
+        a = completion_logps(model, batch, width, comp, 1.0, 2)
+        changed = dict(batch, input_features=batch["input_features"] + 1.0)
+        b = completion_logps(model, changed, width, comp, 1.0, 2)
+        same = completion_logps(model, batch, width, comp, 1.0, 2)
+        # chunking changes nothing
+        c = completion_logps(model, batch, width, comp, 1.0, 1000)
+    assert torch.equal(a, same)
+    assert torch.allclose(a, c, atol=1e-6)
+    assert (a - b).abs().max() > 1e-5, "changing only the audio features did not change the policy log-probs"
+    # and they are real log-probabilities of the given tokens
+    assert torch.all(a <= 0)
+
+
+def _adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def test_four_steps_equal_two_plus_resumed_two(tiny_model_dir, synth_dir, tmp_path):
+    straight = train(tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "straight"))
+    # interrupt after 2 steps: run the same recipe, stop by deleting everything after step 2
+    split_dir = tmp_path / "split"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-000002", split_dir / "checkpoints" / "step-000002")
+    lines = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    (split_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")  # includes steps 3-4: must be dropped on resume
+    resumed = train(tiny_recipe(tiny_model_dir, synth_dir, split_dir), resume="auto")
+    assert resumed.steps_done == 4
+    a = _adapter_tensors(straight.adapter_dir)
+    b = _adapter_tensors(resumed.adapter_dir)
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    m1 = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (split_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in m2] == [1, 2, 3, 4]
+    for x, y in zip(m1, m2):
+        for key in ("reward", "loss", "grad_norm", "completion_length", "kl", "lr"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4, abs=1e-6), key
+
+
+def test_resume_from_scratch_run_really_resumes_at_step(tiny_model_dir, synth_dir, tmp_path):
+    """A genuine two-process history: run 2 steps, then a longer max_steps is a recipe change -> refused."""
+    out = tmp_path / "run"
+    train(tiny_recipe(tiny_model_dir, synth_dir, out, schedule__max_steps=2))
+    assert [s for s, _ in ckpt.complete_checkpoints(out)] == [2]
+    with pytest.raises(ckpt.ResumeError) as err:
+        train(tiny_recipe(tiny_model_dir, synth_dir, out, schedule__max_steps=2, schedule__learning_rate=5e-3), resume="auto")
+    assert "schedule.learning_rate" in str(err.value)
+    # non-math fields may change
+    res = train(tiny_recipe(tiny_model_dir, synth_dir, out, schedule__max_steps=2, logging__run_name="renamed"), resume="auto")
+    assert res.steps_done == 2
+
+
+def test_interrupted_checkpoint_is_ignored(tiny_model_dir, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_recipe(tiny_model_dir, synth_dir, out, schedule__max_steps=2))
+    good = ckpt.latest_checkpoint(out)
+    # a save of step 4 that died after the rename but before its marker, and a leftover temp folder
+    broken = out / "checkpoints" / "step-000004"
+    shutil.copytree(good, broken)
+    (broken / ckpt.MARKER).unlink()
+    (out / "checkpoints" / ".tmp-step-000006").mkdir()
+    assert ckpt.latest_checkpoint(out) == good
+    assert ckpt.resolve_resume("auto", out) == good
+    with pytest.raises(ckpt.ResumeError, match="marker"):
+        ckpt.load_state(broken)
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_weights_saved(tiny_model_dir, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    recipe = tiny_recipe(tiny_model_dir, synth_dir, out, grpo__rewards={"rewards_for_tests:not_a_number": 1.0},
+                         grpo__max_nonfinite_steps=2, schedule__max_steps=4)
+    with pytest.raises(TrainingError, match="non-finite"):
+        train(recipe)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_step"] for r in rows] == [True, True]
+    assert ckpt.latest_checkpoint(out).name == "step-000002"

@@ -1,0 +1,101 @@
+"""Recipes: shipped ones validate, each kind of bad recipe fails with a message that names the fix."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from echoink_lite.recipe import RecipeError, apply_overrides, changed_math_fields, load_recipe, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate_and_start_with_a_header(path):
+    r = load_recipe(path)
+    assert path.read_text().startswith("#"), "each recipe starts with a comment saying what it is for"
+    assert "echoink-lite" in path.read_text().split("description:")[0], "the header says how to run it"
+    assert r.derived()["completions_per_step"] == r.grpo.prompts_per_step * r.grpo.group_size
+
+
+def test_paper_recipes_give_the_paper_schedule():
+    for name in ("paper_24gb.yaml", "paper_48gb.yaml"):
+        r = load_recipe(Path(__file__).parent.parent / "recipes" / name)
+        d = r.derived(n_train_rows=4490)
+        assert d["total_steps"] == 562 and r.grpo.prompts_per_step == 8
+        assert (r.grpo.beta, r.generation.temperature, r.generation.top_p) == (0.001, 1.0, 0.95)
+        assert r.generation.max_completion_tokens == 768 and r.schedule.max_grad_norm == 5.0
+
+
+def test_demo_recipe_matches_the_shipped_tiny_recipe():
+    from echoink_lite.demo import DEMO_RECIPE
+
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "tiny_cpu.yaml").read_text())
+    assert recipe_from_dict(shipped) == recipe_from_dict(DEMO_RECIPE)
+
+
+def test_derived_numbers():
+    r = recipe_from_dict({"grpo": {"prompts_per_step": 8, "group_size": 4, "micro_batch_size": 8, "rollout_batch_size": 8}})
+    d = r.derived(n_train_rows=100, world_size=2)
+    assert d["completions_per_step"] == 32 and d["completions_per_process"] == 16
+    assert d["micro_batches_per_step"] == 2 and d["generate_calls_per_step"] == 2
+    assert d["total_steps"] == 13 and d["steps_per_epoch"] == 13
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"grpo": {"prompts_per_step": 8, "group_size": 16, "micro_batch_size": 5}}, "micro_batch_size=5 does not divide"),
+        ({"grpo": {"group_size": 16, "rollout_batch_size": 12}}, "rollout_batch_size=12 must be a multiple or a divisor"),
+        ({"grpo": {"group_size": 1}}, "group_size"),
+        ({"grpo": {"rewards": {}}}, "grpo.rewards is empty"),
+        ({"grpo": {"beta": -1}}, "grpo.beta"),
+        ({"generation": {"top_p": 1.5}}, "generation.top_p"),
+        ({"model": {"dtype": "int8"}}, "model.dtype"),
+        ({"schedule": {"warmup_steps": 10, "max_steps": 5}}, "lower warmup_steps or raise max_steps"),
+        ({"grpo": {"group_sise": 8}}, "unknown key 'grpo.group_sise' (did you mean 'grpo.group_size'?)"),
+        ({"modle": {}}, "unknown key 'modle' (did you mean 'model'?)"),
+        ({"quantization": {"load_in_4bit": False, "quantize_lm_head": True}}, "quantize_lm_head needs"),
+    ],
+)
+def test_bad_recipes_fail_with_their_message(data, message):
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(data)
+    assert message in str(err.value)
+
+
+def test_overrides_parse_values_and_refuse_typos(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("grpo:\n  group_size: 16\n")
+    r = load_recipe(p, ["grpo.group_size=8", "schedule.max_steps=3", "model.gradient_checkpointing=false",
+                        "logging.report_to=[tensorboard]"])
+    assert (r.grpo.group_size, r.schedule.max_steps, r.model.gradient_checkpointing) == (8, 3, False)
+    assert r.logging.report_to == ["tensorboard"]
+    with pytest.raises(RecipeError, match="did you mean 'grpo.group_size'"):
+        load_recipe(p, ["grpo.gruop_size=8"])
+    with pytest.raises(RecipeError, match="did you mean 'grpo.group_size'"):
+        load_recipe(p, ["group_size=8"])
+    with pytest.raises(RecipeError, match="not key=value"):
+        apply_overrides({}, ["grpo.group_size"])
+
+
+def test_yaml_is_read_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("model: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(p)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_math_fields_and_resume_hash():
+    a = recipe_from_dict({})
+    b = recipe_from_dict({"logging": {"run_name": "x"}, "checkpoint": {"output_dir": "elsewhere", "keep_last": 9}})
+    c = recipe_from_dict({"grpo": {"beta": 0.0}})
+    assert a.math_hash() == b.math_hash()
+    assert changed_math_fields(a.math_dict(), b) == []
+    assert a.math_hash() != c.math_hash()
+    assert changed_math_fields(a.math_dict(), c) == ["grpo.beta: 0.001 -> 0.0"]
