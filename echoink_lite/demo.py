@@ -83,7 +83,7 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
     phase("tiny model")
 
     console.rule("[bold]3/7 warm start: answer format with random letters (accuracy stays at chance)")
-    warm_start(tiny_dir, out / "data" / "train", out / "warm-model", steps=10 if quick else 150, seed=seed,
+    warm_start(tiny_dir, out / "data" / "train", out / "warm-model", steps=10 if quick else 250, seed=seed,
                max_audio_seconds=1.0, console=console)
     phase("warm start")
 

@@ -23,7 +23,7 @@ LoRA training state: parameters, gradients and the two AdamW moments, all fp32: 
 rollout phase (`generate`, no grad, rollout batch Br = min(grpo.rollout_batch_size, completions per step)):
   - KV cache: 2 x layers x kv_heads x head_dim x bytes x Br x (prompt + completion) (56 KiB/token in bf16);
   - prefill logits: the thinker has no `logits_to_keep`, so `generate` computes lm_head over every prompt
-    position: Br x prompt x vocab x bytes (3.4 GiB for 16 prompts of ~700 tokens);
+    position: Br x prompt x vocab x bytes (3.2 GiB for 16 prompts of 706 tokens);
   - prefill activations of one layer: Br x prompt x (4 H + 5 I) x bytes (residual, norm, attention, and
     the MLP with its LoRA branches: gate, act, up, LoRA output, sum);
   - tower forward activations of one tower layer for Br copies of the media (small);
@@ -126,8 +126,10 @@ def load_thinker_config(name_or_path: str, revision: str | None = None) -> tuple
     cached = _hub_cache_config(name_or_path, revision)
     if cached is not None:
         return cached, f"{name_or_path} (local Hugging Face cache)"
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    where = "no such folder here" if looks_local else "not in the local Hugging Face cache"
     return bundled_thinker_config(), (
-        f"note: no local config for '{name_or_path}' (the planner never downloads); "
+        f"note: no config for '{name_or_path}' ({where}; the planner never downloads): "
         f"assuming the {DEFAULT_MODEL_ID} thinker sizes"
     )
 
@@ -326,10 +328,6 @@ COMPONENT_LABELS = {
     "train_reference_forward": "reference forward (no grad)",
     "dequant_buffer": "dequantized 4-bit weight (largest layer)",
     "cuda_context": "CUDA context + allocator slack (constant)",
-}
-COMPONENT_PHASE = {
-    "llm_linears": "weights", "embed_lm_head": "weights", "norms_biases": "weights", "audio_tower": "weights",
-    "vision_tower": "weights", "lora_state": "LoRA state", "cuda_context": "overhead", "dequant_buffer": "both phases",
 }
 
 
