@@ -326,6 +326,13 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
         torch.manual_seed(recipe.schedule.seed + 1000 * dst.rank)  # sampling streams differ per process
     dst.barrier()
 
+    try:
+        longest = preflight_longest_prompts(rows, processor, recipe)
+    except PromptTooLongError as err:
+        raise TrainingError(f"preflight, before step 1: {err}") from None
+    if dst.main:
+        console.print(f"preflight: longest prompt {longest} tokens (cap generation.max_prompt_tokens="
+                      f"{recipe.generation.max_prompt_tokens})")
     rewards = resolve_rewards(recipe.grpo.rewards)
     eos_id = tok.convert_tokens_to_ids("<|im_end|>")
     pad_id = tok.pad_token_id
@@ -423,6 +430,40 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
             pass
         console.print(f"[bold green]done[/]: {step} steps, adapter in {adapter_dir}")
     return TrainResult(run_dir, step, adapter_dir, last_metrics, counters["skipped_rows"], model)
+
+
+def preflight_longest_prompts(rows: list[Row], processor, recipe: Recipe, k: int = 8) -> int:
+    """Encode the rows likely to give the longest prompts (longest audio, largest image, longest text) and
+    fail before step 1, naming the row, if one exceeds the cap: an OOM or a crash late in the run costs more."""
+    import soundfile as sf
+    from PIL import Image
+
+    def audio_seconds(r: Row) -> float:
+        try:
+            info = sf.info(str(r.audio_path))
+            return min(info.frames / info.samplerate, recipe.data.max_audio_seconds)
+        except Exception:
+            return 0.0
+
+    def pixels(r: Row) -> int:
+        try:
+            with Image.open(r.image_path) as im:
+                return min(im.size[0] * im.size[1], recipe.data.max_pixels)
+        except Exception:
+            return 0
+
+    picks: dict[int, Row] = {}
+    for key in (audio_seconds, pixels, lambda r: len(r.prompt_text)):
+        for r in sorted(rows, key=key, reverse=True)[:k]:
+            picks[r.index] = r
+    longest = 0
+    for r in picks.values():
+        try:
+            ex = load_example(r, recipe.data.max_audio_seconds, recipe.data.max_pixels)
+        except MediaError:
+            continue  # counted when the row is reached
+        longest = max(longest, encode_example(processor, ex, recipe.generation.max_prompt_tokens).length)
+    return longest
 
 
 def _load_training_state(path: Path, model, optimizer, scheduler, dst: Dist) -> None:

@@ -192,3 +192,13 @@ def test_nonfinite_steps_are_skipped_then_stop_with_weights_saved(tiny_model_dir
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_step"] for r in rows] == [True, True]
     assert ckpt.latest_checkpoint(out).name == "step-000002"
+
+
+def test_preflight_refuses_a_prompt_over_the_cap_before_step_one(tiny_model_dir, synth_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError) as err:
+        train(tiny_recipe(tiny_model_dir, synth_dir, out, generation__max_prompt_tokens=64))
+    msg = str(err.value)
+    assert "preflight" in msg and "problem_id=" in msg and "generation.max_prompt_tokens=64" in msg
+    assert "data.max_audio_seconds" in msg
+    assert not (out / "metrics.jsonl").exists() and ckpt.latest_checkpoint(out) is None
