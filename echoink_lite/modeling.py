@@ -82,9 +82,13 @@ def load_processor(name_or_path: str, revision: str | None = None, max_pixels: i
 
     kw: dict[str, Any] = {"revision": revision} if revision else {}
     try:
+        proc = None
         if torchvision_available():
-            proc = Qwen2_5OmniProcessor.from_pretrained(name_or_path, **kw)
-        else:
+            try:
+                proc = Qwen2_5OmniProcessor.from_pretrained(name_or_path, **kw)
+            except (OSError, ValueError, TypeError, AttributeError):
+                proc = None  # a folder saved without the video part (e.g. the tiny model): build it as below
+        if proc is None:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
             image_processor = pil_image_processor_class().from_pretrained(name_or_path, **kw)
             feature_extractor = WhisperFeatureExtractor.from_pretrained(name_or_path, **kw)

@@ -96,22 +96,41 @@ def test_components_and_total_are_consistent():
     assert e.torch_peak_gb == pytest.approx(e.total_gb - 1.0)
 
 
-@pytest.mark.parametrize("key,values", [
-    ("grpo.micro_batch_size", [1, 2, 4, 8]),
-    ("generation.max_completion_tokens", [128, 256, 512, 768, 1024]),
-    ("grpo.rollout_batch_size", [2, 4, 8, 16]),
-    ("lora.r", [4, 16, 64]),
-    ("data.max_audio_seconds", [2.0, 5.0, 10.0]),
+# Each knob with the other phase made small, so the phase the knob drives decides the peak.
+TRAIN_ONLY, ROLLOUT_ONLY = ("grpo.rollout_batch_size=1",), ("grpo.micro_batch_size=1",)
+
+
+@pytest.mark.parametrize("key,values,others", [
+    ("grpo.micro_batch_size", [1, 2, 4, 8, 16], TRAIN_ONLY),
+    ("generation.max_completion_tokens", [128, 256, 512, 768, 1024], TRAIN_ONLY),
+    ("grpo.rollout_batch_size", [8, 16, 32, 64], ROLLOUT_ONLY),
+    ("grpo.logprob_chunk_tokens", [512, 640, 768], TRAIN_ONLY + ("grpo.micro_batch_size=16",)),
+    ("lora.r", [4, 16, 64], ()),
+    ("data.max_audio_seconds", [2.0, 5.0, 10.0], ROLLOUT_ONLY),
+    ("data.max_pixels", [50176, 100352, 200704], TRAIN_ONLY),
 ])
-def test_more_of_a_knob_means_more_memory(key, values):
-    totals = [_est("paper_48gb.yaml", f"{key}={v}", "grpo.rollout_batch_size=16" if key != "grpo.rollout_batch_size" else "grpo.micro_batch_size=8").total_gb
-              for v in values]
+def test_more_of_a_knob_means_more_memory(key, values, others):
+    totals = [_est("paper_48gb.yaml", *others, f"{key}={v}").total_gb for v in values]
     assert totals == sorted(totals) and len(set(totals)) == len(totals), totals
+
+
+def test_kv_cache_grows_with_completion_length():
+    kv = [_est("paper_48gb.yaml", f"generation.max_completion_tokens={c}").components["rollout_kv_cache"] for c in (256, 512, 768)]
+    assert kv[0] < kv[1] < kv[2]
+    assert kv[2] == pytest.approx(32 * (706 + 768) * 56 * 1024 / 2**30)
+
+
+def test_the_peak_never_drops_when_a_knob_grows():
+    # Without the isolation above a knob may only move the phase that is not the peak: never down, though.
+    for key, values in (("grpo.micro_batch_size", [1, 2, 4, 8, 16]), ("grpo.rollout_batch_size", [1, 2, 4, 8, 16, 32]),
+                        ("generation.max_completion_tokens", [128, 512, 768, 1024])):
+        totals = [_est("paper_48gb.yaml", f"{key}={v}").total_gb for v in values]
+        assert totals == sorted(totals), (key, totals)
 
 
 def test_group_size_monotonic():
     # With the rollout batch following the group (one group per generate call), bigger groups cost more.
-    totals = [_est("paper_24gb.yaml", f"grpo.group_size={g}", f"grpo.rollout_batch_size={g}", "grpo.micro_batch_size=4").total_gb
+    totals = [_est("paper_24gb.yaml", f"grpo.group_size={g}", f"grpo.rollout_batch_size={g}", "grpo.micro_batch_size=1").total_gb
               for g in (4, 8, 16, 32)]
     assert totals == sorted(totals) and len(set(totals)) == len(totals), totals
     # With fixed batch knobs, the group size never lowers the peak.
