@@ -54,9 +54,7 @@ from .modeling import (
 )
 from .prompting import PromptTooLongError, collate, completion_mask, decode_completions, encode_example, generation_kwargs, to_device
 
-# Same as rewards.FORMAT_PATTERN (kept here so the two modules could be written independently; dedupe later).
-FORMAT_PATTERN = r"^(?!.*<think>.*<think>)(?!.*<answer>.*<answer>)<think>[\s\S]+?</think>\s*<answer>[\s\S]+?</answer>$"
-_FORMAT_RE = re.compile(FORMAT_PATTERN, re.DOTALL)
+from .rewards import FORMAT_PATTERN, format_reward  # noqa: E402,F401  (one definition of the paper's format)
 
 PROMPT_TOO_LONG = "prompt_too_long"  # bad-row reason next to data.REASONS
 PAPER_TEMPERATURE, PAPER_TOP_P = 1.0, 0.95
@@ -96,7 +94,7 @@ def parse_answer(completion: str, letters: tuple[str, ...], lenient: bool = Fals
 
 def format_ok(completion: str) -> bool:
     """The paper's format reward condition: `<think>...</think><answer>...</answer>` and nothing else."""
-    return _FORMAT_RE.fullmatch(completion.strip()) is not None
+    return format_reward([completion])[0] == 1.0
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -576,7 +577,9 @@ def _train_step(step, recipe, model, processor, rows, order, optimizer, schedule
         optimizer.zero_grad(set_to_none=True)
         counters["nonfinite_steps"] += 1
         counters["nonfinite_in_a_row"] += 1
-    scheduler.step()  # the schedule follows steps taken, skipped or not, so resume stays aligned
+    with warnings.catch_warnings():  # a skipped step steps the scheduler without the optimizer, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()  # the schedule follows steps taken, skipped or not, so resume stays aligned
     t_fb = time.time() - t_fb
 
     # metrics summed over processes
