@@ -202,3 +202,30 @@ def test_preflight_refuses_a_prompt_over_the_cap_before_step_one(tiny_model_dir,
     assert "preflight" in msg and "problem_id=" in msg and "generation.max_prompt_tokens=64" in msg
     assert "data.max_audio_seconds" in msg
     assert not (out / "metrics.jsonl").exists() and ckpt.latest_checkpoint(out) is None
+
+
+def test_out_of_memory_names_step_rows_and_knobs_and_keeps_finished_steps(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
+    import echoink_lite.grpo as grpo
+
+    real_rollout = grpo.rollout
+    calls = {"n": 0}
+
+    def rollout_that_runs_out_of_memory(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "rollout", rollout_that_runs_out_of_memory)
+    out = tmp_path / "run"
+    recipe = tiny_recipe(tiny_model_dir, synth_dir, out, checkpoint__save_every_steps=10)
+    with pytest.raises(TrainingError) as err:
+        train(recipe)
+    msg = str(err.value)
+    assert "out of memory at step 2" in msg and "rows " in msg
+    for knob in ("grpo.micro_batch_size", "grpo.group_size", "generation.max_completion_tokens"):
+        assert knob in msg
+    # step 1 finished before the OOM: it is saved although save_every_steps is 10, and resumes
+    assert ckpt.latest_checkpoint(out).name == "step-000001"
+    monkeypatch.setattr(grpo, "rollout", real_rollout)
+    assert train(recipe, resume="auto").steps_done == 4
