@@ -157,26 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_arguments(p)
     p.set_defaults(func=infer_command)
 
-    try:
-        from .merge import add_export_arguments, add_merge_arguments, export_command, merge_command
+    from .merge import add_export_arguments, add_merge_arguments, export_command, merge_command
 
-        p = sub.add_parser("merge", help="merge an adapter into the unquantized base (thinker-only or full Omni)")
-        add_merge_arguments(p)
-        p.set_defaults(func=merge_command)
-        p = sub.add_parser("export", help="export a clean adapter folder with a model card (optionally push to the Hub)")
-        add_export_arguments(p)
-        p.set_defaults(func=export_command)
-    except ImportError:
-        pass
+    p = sub.add_parser("merge", help="merge an adapter into the unquantized base (thinker-only or full Omni)")
+    add_merge_arguments(p)
+    p.set_defaults(func=merge_command)
+    p = sub.add_parser("export", help="export a clean adapter folder with a model card (optionally push to the Hub)")
+    add_export_arguments(p)
+    p.set_defaults(func=export_command)
 
-    try:
-        from .plan import add_plan_arguments, plan_command
+    from .plan import add_plan_arguments, plan_command
 
-        p = sub.add_parser("plan", help="estimate peak GPU memory of a recipe and whether it fits")
-        add_plan_arguments(p)
-        p.set_defaults(func=plan_command)
-    except ImportError:
-        pass
+    p = sub.add_parser("plan", help="estimate peak GPU memory of a recipe and whether it fits")
+    add_plan_arguments(p)
+    p.set_defaults(func=plan_command)
 
     p = sub.add_parser("plot", help="draw reward / accuracy / length curves of a run folder to a PNG")
     p.add_argument("run_dir")

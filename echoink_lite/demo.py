@@ -39,7 +39,6 @@ DEMO_RECIPE: dict = {
 
 
 def demo_recipe(out: Path, quick: bool = False, seed: int = 0):
-    from .recipe import load_recipe  # noqa: F401  (same loader as the CLI)
     from .recipe import recipe_from_dict
 
     d = json.loads(json.dumps(DEMO_RECIPE))

@@ -484,10 +484,8 @@ def _preflight_memory(recipe: Recipe, dst: Dist, force: bool, console) -> None:
     """Refuse a recipe that cannot fit the detected GPU (the planner), unless forced."""
     if dst.device.type != "cuda":
         return
-    try:
-        from .plan import check_recipe_fits_gpu
-    except ImportError:
-        return
+    from .plan import check_recipe_fits_gpu
+
     ok, message = check_recipe_fits_gpu(recipe, dst.device)
     if not ok:
         if force:
