@@ -383,6 +383,7 @@ def run_kit(name: str, recipe, ctx: dict[str, Any], console) -> dict[str, Any]:
             rollout_tokens_per_s=_mean([m["rollout_tokens_per_s"] for m in timed]),
             completion_length=_mean([m["completion_length"] for m in steps]),
             forced_full_length=all(abs(m["completion_length"] - recipe.generation.max_completion_tokens) < 1e-6 for m in steps),
+            rollout_path=steps[-1].get("rollout_path"),
             per_step=steps,
         )
         if device.startswith("cuda"):
@@ -584,7 +585,7 @@ def print_report(result: dict[str, Any], console) -> None:
     rows += [("planner estimate (GB)", "planner_estimate_gb", ".2f"), ("planner error (%)", "planner_error_pct", "+.1f"),
              ("prompt tokens", "prompt_tokens", "d"), ("prompts per step (bench)", "prompts_per_step", "d"),
              ("completion length (budget)", "completion_length", ".0f"),
-             ("rollout s/step", "rollout_time_s", ".2f"), ("log-prob fwd+bwd s/step", "logprob_time_s", ".2f"),
+             ("rollout path", "rollout_path", "s"), ("rollout s/step", "rollout_time_s", ".2f"), ("log-prob fwd+bwd s/step", "logprob_time_s", ".2f"),
              ("optimizer s/step", "optimizer_time_s", ".3f"), ("step s", "step_time_s", ".2f"),
              ("rollout tokens/s", "rollout_tokens_per_s", ".0f"), ("projected s/step (recipe prompts)", "projected_step_time_s", ".1f"),
              ("projected full run (h)", "projected_full_run_h", ".1f")]
@@ -644,13 +645,20 @@ def auto_prompts_per_step(recipe) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", default=str(REPO / "recipes" / "paper_24gb.yaml"))
+    p.add_argument("--recipe", nargs="+", default=[str(REPO / "recipes" / "paper_24gb.yaml")],
+                   help="one or more recipes, measured in this order (one JSON report each)")
     p.add_argument("--steps", type=int, default=3, help="optimizer steps per run (the first is excluded from time means)")
-    p.add_argument("--cap-gb", type=float, default=None, help="limit PyTorch to this many GB (proves a claim on a larger card)")
-    p.add_argument("--out", default=None, help="JSON report (default: benchmarks/results/<card>-<recipe>[-capN].json on CUDA)")
+    p.add_argument("--cap-gb", nargs="+", type=float, default=None,
+                   help="limit PyTorch to this many GB (proves a claim on a larger card): one value, or one per recipe")
+    p.add_argument("--completion-tokens", nargs="+", type=int, default=None,
+                   help="forced completion lengths, one run each (default: the recipe's generation.max_completion_tokens)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="time budget: a run is started only if the time left exceeds the previous run's (scaled); "
+                   "the JSON reports are rewritten after every run, so a cut-off session keeps what finished")
+    p.add_argument("--out", default=None, help="JSON report, one recipe only (default: benchmarks/results/<card>-<recipe>[-capN].json on CUDA)")
     p.add_argument("--baselines", action="store_true", help="also run stock TRL GRPOTrainer (images only) and the kit in bf16 LoRA")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: tiny widths, tiny inputs, short completions")
-    p.add_argument("--prompts-per-step", default="auto", help="'auto' (fills one rollout and one micro-batch), 'recipe', or a number")
+    p.add_argument("--prompts-per-step", default="auto", help="'auto' (fills one decode batch and one micro-batch), 'recipe', or a number")
     p.add_argument("--model-dir", default=None, help="where the random full-size model is saved and reused "
                    "(default ~/.cache/echoink-lite/bench-omni7b-random; 17.9 GB)")
     p.add_argument("--workdir", default=None, help="data and run folders (default: a temporary folder, removed at the end)")
@@ -662,28 +670,59 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
+    t_start = time.time()
     import torch
     from rich.console import Console
 
-    from echoink_lite.plan import Dims, prompt_token_estimate
-    from echoink_lite.recipe import load_recipe
-
-    console = Console()
+    console = Console(width=max(100, Console().width))
     if args.tiny:
-        device, dtype = "cpu", "float32"
+        device = "cpu"
     else:
         if not torch.cuda.is_available():
             console.print("[red]bench_grpo.py measures a GPU: no CUDA device here.[/] Use --tiny for the CPU smoke run.")
             return 2
-        device, dtype = "cuda", None
-    base = load_recipe(args.recipe, args.overrides)
-    dtype = dtype or base.model.dtype
+        device = "cuda"
+    caps = args.cap_gb or [None]
+    if len(caps) not in (1, len(args.recipe)):
+        console.print("[red]--cap-gb takes one value, or one per --recipe[/]")
+        return 2
+    if args.out and len(args.recipe) > 1:
+        console.print("[red]--out names one report: use it with one --recipe[/]")
+        return 2
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="echoink-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    reports, rc = [], 0
+    try:
+        for i, recipe_file in enumerate(args.recipe):
+            cap = caps[i] if len(caps) > 1 else caps[0]
+            report, ok = bench_recipe(args, recipe_file, cap, device, workdir, console, t_start)
+            reports.append(report)
+            rc = rc or (0 if ok else 1)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    console.print(f"total {time.time() - t_start:.0f} s; reports: " + ", ".join(str(r) for r in reports))
+    return rc
+
+
+def _time_left(args, t_start: float) -> float | None:
+    return None if args.budget_s is None else args.budget_s - (time.time() - t_start)
+
+
+def bench_recipe(args, recipe_file: str, cap_gb: float | None, device: str, workdir: Path, console, t_start: float):
+    """Measure one recipe: the kit at each forced completion length (then the baselines); the report is
+    rewritten after every run. Returns (report path, whether the first kit run succeeded)."""
+    import torch
+
+    from echoink_lite.plan import Dims, prompt_token_estimate
+    from echoink_lite.recipe import load_recipe
+
+    dtype = "float32" if args.tiny else None
+    base = load_recipe(recipe_file, args.overrides)
+    dtype = dtype or base.model.dtype
     model_dir = Path(args.model_dir) if args.model_dir else (
         workdir / "tiny-model" if args.tiny else Path.home() / ".cache" / "echoink-lite" / "bench-omni7b-random")
     config = bench_config(args.tiny)
-
     if args.prompts_per_step == "recipe":
         prompts = base.grpo.prompts_per_step
     elif args.prompts_per_step == "auto":
@@ -696,14 +735,13 @@ def main(argv: list[str] | None = None) -> int:
     ] if args.tiny else []
     if args.tiny:
         prompts = 1
+    lengths = args.completion_tokens or [None]
     common = [
         f"model.name_or_path={model_dir}", "data.valid=null", f"schedule.max_steps={args.steps}",
         f"grpo.prompts_per_step={prompts}", "logging.progress=false", "logging.log_completions_every=0",
         "logging.report_to=[]", "checkpoint.save_every_steps=1000000", "checkpoint.save_every_minutes=100000",
     ]
-    recipe = load_recipe(args.recipe, args.overrides + tiny_overrides + common + [f"data.train={workdir / 'data' / 'train'}"])
-
-    t_start = time.time()
+    recipe = load_recipe(recipe_file, args.overrides + tiny_overrides + common + [f"data.train={workdir / 'data' / 'train'}"])
     ensure_model(model_dir, config, device, dtype, console)
 
     # data: real-size media; the question padded to the planner's prompt length (tiny: as is)
@@ -722,61 +760,87 @@ def main(argv: list[str] | None = None) -> int:
         split = write_bench_data(workdir / "data", n_rows, image_size, audio_seconds, question)
         prompt_tokens = prompt_length(processor, recipe, split)
     console.print(f"benchmark data: {n_rows} rows, {audio_seconds:g} s audio, {image_size}x{image_size} image, "
-                  f"{prompt_tokens}-token prompts, completions forced to {recipe.generation.max_completion_tokens} tokens")
+                  f"{prompt_tokens}-token prompts")
 
     card, card_gb, cap_info = "CPU (--tiny)", None, None
     if device == "cuda":
         card = torch.cuda.get_device_name(0)
         card_gb = torch.cuda.get_device_properties(0).total_memory / GIB
-        if args.cap_gb:
-            torch.zeros(1, device="cuda")  # create the context before measuring it
-            context_now = cuda_context_gb(device) or 0.0
-            fraction = max(0.01, min(1.0, (args.cap_gb - context_now) / card_gb))
-            torch.cuda.set_per_process_memory_fraction(fraction)
-            cap_info = {"cap_gb": args.cap_gb, "context_at_cap_gb": context_now, "memory_fraction": fraction}
-            console.print(f"capped PyTorch at {fraction * card_gb:.2f} GB ({args.cap_gb:g} GB less a {context_now:.2f} GB CUDA context) "
-                          f"of {card_gb:.1f} GB")
+        torch.zeros(1, device="cuda")  # create the context before measuring it
+        context_now = cuda_context_gb(device) or 0.0
+        fraction = 1.0 if not cap_gb else max(0.01, min(1.0, (cap_gb - context_now) / card_gb))
+        torch.cuda.set_per_process_memory_fraction(fraction)
+        if cap_gb:
+            cap_info = {"cap_gb": cap_gb, "context_at_cap_gb": context_now, "memory_fraction": fraction}
+            console.print(f"capped PyTorch at {fraction * card_gb:.2f} GB ({cap_gb:g} GB less a {context_now:.2f} GB "
+                          f"CUDA context) of {card_gb:.1f} GB")
 
-    full_steps = load_recipe(args.recipe, args.overrides).derived(PAPER_TRAIN_ROWS)["total_steps"]
-    ctx = {"device": device, "card_memory_gb": args.cap_gb or card_gb, "model_config": config,
+    full_steps = load_recipe(recipe_file, args.overrides).derived(PAPER_TRAIN_ROWS)["total_steps"]
+    ctx = {"device": device, "card_memory_gb": cap_gb or card_gb, "model_config": config,
            "model_config_name": "tiny widths, real vocabulary" if args.tiny else "bundled Qwen2.5-Omni-7B thinker",
            "prompt_tokens": prompt_tokens, "recipe_prompts_per_step": base.grpo.prompts_per_step,
            "full_run_steps": full_steps, "steps": args.steps, "workdir": str(workdir)}
-
-    runs = []
-    runs.append(run_kit("kit-qlora", _with_run_dir(recipe, workdir, "kit-qlora"), ctx, console))
-    if args.baselines:
-        bf16 = load_recipe(args.recipe, args.overrides + tiny_overrides + common + [
-            f"data.train={split}", "quantization.load_in_4bit=false"])
-        runs.append(run_kit("kit-bf16-lora", _with_run_dir(bf16, workdir, "kit-bf16-lora"), ctx, console))
-        runs.append(run_trl("trl-grpo-qlora-images", _with_run_dir(recipe, workdir, "trl"), ctx, console))
-
     result: dict[str, Any] = {
         "schema": SCHEMA, "device": device, "card": card, "card_memory_gb": card_gb, "cap": cap_info,
         "versions": _versions(), "python": platform.python_version(),
-        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd())] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, Path.cwd())] + sys.argv[1:]),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "recipe_file": str(args.recipe), "bench_steps": args.steps, "prompts_per_step_bench": prompts,
+        "recipe_file": str(recipe_file), "bench_steps": args.steps, "prompts_per_step_bench": prompts,
         "prompts_per_step_recipe": base.grpo.prompts_per_step, "full_run_steps": full_steps,
         "prompt_tokens": prompt_tokens, "audio_seconds": audio_seconds, "image_pixels": image_size * image_size,
-        "total_wall_time_s": None, "runs": runs,
+        "total_wall_time_s": None, "runs": [],
     }
-    result["ratios"] = ratios(runs)
-    if cap_info:
-        kit = runs[0]
-        cap_info["within_cap"] = bool(kit["status"] == "ok" and kit.get("measured_total_gb") is not None
-                                      and kit["measured_total_gb"] <= args.cap_gb)
-    result["total_wall_time_s"] = time.time() - t_start
+    suffix = f"-cap{cap_gb:g}gb" if cap_gb else ""
     out = Path(args.out) if args.out else (
-        Path(tempfile.gettempdir()) / "echoink-bench-tiny.json" if args.tiny else
-        REPO / "benchmarks" / "results" / f"{_slug(card)}-{Path(args.recipe).stem}{f'-cap{args.cap_gb:g}gb' if args.cap_gb else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        Path(tempfile.gettempdir()) / f"echoink-bench-tiny-{Path(recipe_file).stem}.json" if args.tiny else
+        REPO / "benchmarks" / "results" / f"{_slug(card)}-{Path(recipe_file).stem}{suffix}.json")
+
+    def save() -> None:
+        result["ratios"] = ratios(result["runs"])
+        if cap_info and result["runs"]:
+            kit = result["runs"][0]
+            cap_info["within_cap"] = bool(kit["status"] == "ok" and kit.get("measured_total_gb") is not None
+                                          and kit["measured_total_gb"] <= cap_gb)
+        result["total_wall_time_s"] = time.time() - t_start
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+    def fits_budget(last: dict | None, scale: float) -> bool:
+        left = _time_left(args, t_start)
+        if left is None or last is None:
+            return left is None or left > 60
+        return left > last["wall_time_s"] * scale * 1.1 + 20
+
+    last = None
+    for tokens in lengths:
+        name = "kit-qlora" if tokens is None or tokens == recipe.generation.max_completion_tokens or last is None else f"kit-qlora-{tokens}tok"
+        run_recipe = recipe if tokens is None else load_recipe(recipe_file, args.overrides + tiny_overrides + common + [
+            f"data.train={split}", f"generation.max_completion_tokens={tokens}"])
+        scale = 1.0 if last is None else run_recipe.generation.max_completion_tokens / max(1, last["completion_budget"])
+        if not fits_budget(last, scale):
+            result["runs"].append({"name": name, "kind": "kit", "status": "skipped", "error": "time budget"})
+            save()
+            continue
+        run = run_kit(name, _with_run_dir(run_recipe, workdir, name), ctx, console)
+        result["runs"].append(run)
+        last = run if run["status"] == "ok" else last
+        save()
+        print_report(result, console)
+    if args.baselines:
+        bf16 = load_recipe(recipe_file, args.overrides + tiny_overrides + common + [
+            f"data.train={split}", "quantization.load_in_4bit=false"])
+        for name, fn, r in (("kit-bf16-lora", run_kit, bf16), ("trl-grpo-qlora-images", run_trl, recipe)):
+            if fits_budget(last, 1.0):
+                result["runs"].append(fn(name, _with_run_dir(r, workdir, name if fn is run_kit else "trl"), ctx, console))
+            else:
+                result["runs"].append({"name": name, "kind": "kit" if fn is run_kit else "trl", "status": "skipped",
+                                       "error": "time budget"})
+            save()
+    save()
     print_report(result, console)
-    console.print(f"report: {out}  (total {result['total_wall_time_s']:.0f} s)")
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if runs[0]["status"] == "ok" else 1
+    console.print(f"report: {out}  ({time.time() - t_start:.0f} s since start)")
+    first = result["runs"][0] if result["runs"] else {}
+    return out, first.get("status") == "ok"
 
 
 def _with_run_dir(recipe, workdir: Path, name: str):

@@ -46,8 +46,8 @@ def cmd_recipes_validate(args) -> int:
             r = load_recipe(path, args.overrides)
             d = r.derived()
             console.print(f"[green]ok[/] {path}: {d['completions_per_step']} completions/step, "
-                          f"{d['micro_batches_per_step']} micro-batches of {r.grpo.micro_batch_size}, "
-                          f"{d['generate_calls_per_step']} generate call(s)/step")
+                          f"{d['micro_batches_per_step']} micro-batches of up to {min(r.grpo.micro_batch_size, r.grpo.group_size)}, "
+                          f"{d['decode_batches_per_step']} decode batch(es)/step")
         except RecipeError as err:
             failed += 1
             console.print(f"[red]invalid[/] {err}")

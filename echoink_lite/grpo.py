@@ -1,22 +1,24 @@
 """GRPO on audio + image prompts with QLoRA: the training recipe, read top to bottom.
 
-One optimizer step (the paper's algorithm, EchoInk-R1 / R1-V):
-  1. take `prompts_per_step` prompts in the saved data order (this process takes every world_size-th one);
-  2. rollout: sample `group_size` completions per prompt in eval mode, KV cache on, gradient checkpointing
-     off, multimodal marker tokens suppressed, as few `generate` calls as `rollout_batch_size` allows;
+`train` = setup (data, resume checks, model, optimizer, rollout engine) -> a loop of `grpo_step` -> save.
+One optimizer step (the paper's algorithm: EchoInk-R1, built on R1-V's GRPO trainer):
+  1. prompts: `prompts_per_step` rows in the saved data order (each process takes every world_size-th one);
+     the frozen audio and vision towers run once per prompt (`thinker_forward.encode_prompts`);
+  2. rollout: `group_size` completions per prompt, sampled by the rollout engine (rollout.py: one prefill
+     per prompt, static KV cache, sampling on the device, CUDA graph where it works);
   3. rewards (accuracy + format by default) and group advantages (r - mean) / (std + eps);
-  4. for each micro-batch: completion-token log-probs of the policy (LoRA on, training mode, checkpointing
-     on) from the SAME audio features and pixels as the rollout, computed in chunks of completion
-     positions; the reference log-probs are the same model with adapters disabled (beta > 0 only);
-     loss = -(exp(logp - logp.detach()) * A) + beta * k3-KL, averaged per sequence then over the batch;
-  5. gradients all-reduced over processes, clipped, AdamW + scheduler step. One update per rollout, so
-     no ratio clipping is needed (the ratio is exactly 1 in value; its gradient is the policy gradient).
+  4. loss pass (loss.py): per micro-batch of one group's completions, the prompt runs once and the
+     completions attend to its keys/values; policy log-probs with LoRA on, reference log-probs with the
+     adapters disabled (beta > 0 only); loss = -(exp(logp - logp.detach()) * A) + beta * k3-KL, averaged per
+     sequence then over the step; backward;
+  5. gradients all-reduced over processes, clipped, AdamW + scheduler step. One update per rollout, so no
+     ratio clipping is needed (the ratio is exactly 1 in value; its gradient is the policy gradient).
 
-Why not TRL's GRPOTrainer: stock TRL drops the audio from the loss forward (field notes §3); fixing that
-needs overrides of its input preparation and loss inputs, and the kit also needs atomic checkpoints on a
-timer, a resume that refuses changed recipes, non-finite step skipping, OOM reports that name the row and
-chunked completion-only log-probs. Those touch most of GRPOTrainer's internals, which change from minor
-release to minor release. The algorithm itself is ~150 lines, so the kit owns it and tests it directly.
+Why not TRL's GRPOTrainer: stock TRL 1.16 drops the audio from the loss forward (its loss pass re-processes
+the prompts with images only), and the kit also needs atomic checkpoints on a timer, a resume that refuses
+changed recipes, non-finite step skipping, OOM reports that name the rows, prefix sharing in the loss and its
+own rollout engine. Those touch most of GRPOTrainer's internals, which change between minor releases, so the
+kit owns this loop and tests it directly.
 """
 
 from __future__ import annotations
@@ -24,11 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,18 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoints as ckpt
+from .console import make_console, print_plan, print_step, progress_bar, warn_on_metrics
 from .data import MediaError, Row, enforce_bad_fraction, load_example, scan_split
+from .distributed import Dist, setup_dist
+from .loss import completion_logps, group_advantages, grpo_loss
 from .metrics import MetricsWriter, plot_run
-from .modeling import add_lora, default_device, load_processor, load_thinker_from_recipe, multimodal_token_ids
-from .prompting import (
-    Encoded, PromptTooLongError, collate, completion_mask, encode_example, generation_kwargs, to_device,
-)
+from .modeling import add_lora, load_processor, load_thinker_from_recipe, multimodal_token_ids, torch_dtype
+from .preflight import check_memory_fits, preflight_longest_prompts
+from .prompting import Encoded, PromptTooLongError, encode_example
 from .recipe import Recipe, changed_math_fields
 from .rewards import compute_rewards, resolve_rewards
+from .rollout import RolloutEngine, SamplingParams
+from .thinker_forward import disable_hf_checkpointing, encode_prompts
 
 
 class TrainingError(RuntimeError):
@@ -52,164 +57,23 @@ class TrainingError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Processes: one, or several under torchrun / accelerate launch (data-parallel over prompts)
+# Data order: one seeded permutation per epoch, cut into steps; saved in every checkpoint
 # ---------------------------------------------------------------------------------------------------
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-
-def setup_dist() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(device=default_device())
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device, backend = torch.device("cuda", local), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return Dist(rank=rank, world=world, device=device)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data order: a seeded permutation per epoch, saved in every checkpoint
-# ---------------------------------------------------------------------------------------------------
-def data_order(n_rows: int, total_steps: int, prompts_per_step: int, seed: int) -> list[int]:
-    order: list[int] = []
+def data_schedule(n_rows: int, prompts_per_step: int, total_steps: int, seed: int) -> list[list[int]]:
+    """Row indices of each step. Epoch e is permutation(seed + e); its last step holds what is left over
+    (4,490 prompts at 8 per step: 561 steps of 8, then one of 2, as the original's single epoch)."""
+    steps: list[list[int]] = []
     epoch = 0
-    needed = total_steps * prompts_per_step
-    while len(order) < needed:
-        order += np.random.default_rng(seed + epoch).permutation(n_rows).tolist()
+    while len(steps) < total_steps:
+        perm = np.random.default_rng(seed + epoch).permutation(n_rows).tolist()
+        steps += [perm[s: s + prompts_per_step] for s in range(0, n_rows, prompts_per_step)]
         epoch += 1
-    return order
+    return steps[:total_steps]
 
 
 def rows_fingerprint(rows: list[Row]) -> str:
     ids = json.dumps([[str(r.problem_id), r.answer] for r in rows])
     return hashlib.sha256(ids.encode()).hexdigest()[:16]
-
-
-def total_steps_for(recipe: Recipe, n_rows: int) -> int:
-    return recipe.derived(n_rows)["total_steps"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Log-probs of completion tokens only, in chunks (never full-vocabulary logits for the whole batch)
-# ---------------------------------------------------------------------------------------------------
-def _chunk_logps(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = lm_head(hidden).float() / temperature
-    return torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-
-
-def completion_logps(model, batch: dict[str, torch.Tensor], prompt_width: int, completion_ids: torch.Tensor,
-                     temperature: float, chunk_tokens: int) -> torch.Tensor:
-    """[B, C] log-probs of `completion_ids` given prompt (+ audio features + pixels) and earlier tokens."""
-    thinker = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = thinker.model(**batch, use_cache=False).last_hidden_state  # the multimodal thinker body
-    n = completion_ids.shape[1]
-    hidden = hidden[:, prompt_width - 1: prompt_width - 1 + n]  # position t predicts token t+1
-    step = max(1, chunk_tokens)
-    parts = []
-    for s in range(0, n, step):
-        h, tgt = hidden[:, s: s + step], completion_ids[:, s: s + step]
-        if torch.is_grad_enabled():
-            # Recompute the chunk's logits in backward instead of keeping [B, chunk, vocab] alive.
-            parts.append(torch.utils.checkpoint.checkpoint(_chunk_logps, thinker.lm_head, h, tgt, temperature, use_reentrant=False))
-        else:
-            parts.append(_chunk_logps(thinker.lm_head, h, tgt, temperature))
-    return torch.cat(parts, dim=1)
-
-
-def grpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
-              beta: float, loss_type: str, normaliser: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backward, per-token KL) for one micro-batch; `normaliser` = completions (or tokens) in the step."""
-    ratio = torch.exp(logps - logps.detach())  # 1 in value; the gradient is the policy gradient
-    per_token = -ratio * advantages.unsqueeze(1)
-    kl = torch.zeros_like(logps)
-    if beta > 0 and ref_logps is not None:
-        log_ratio = (ref_logps - logps).clamp(-10, 10)
-        kl = torch.exp(log_ratio) - log_ratio - 1  # k3 estimator, as the paper
-        per_token = per_token + beta * kl
-    maskf = mask.float()
-    if loss_type == "sequence":
-        per_seq = (per_token * maskf).sum(1) / maskf.sum(1).clamp(min=1)
-        return per_seq.sum() / normaliser, kl
-    return (per_token * maskf).sum() / normaliser, kl
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, per-group std) for rewards laid out group by group."""
-    g = rewards.view(-1, group_size)
-    std = g.std(dim=1)  # unbiased, as the original
-    adv = (g - g.mean(dim=1, keepdim=True)) / (std.unsqueeze(1) + eps)
-    return adv.view(-1), std
-
-
-# ---------------------------------------------------------------------------------------------------
-# Rollout: eval mode, KV cache on, checkpointing off; then training mode restored
-# ---------------------------------------------------------------------------------------------------
-def _set_checkpointing(model, on: bool) -> None:
-    thinker = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(thinker, "_echoink_gc", False):
-        return
-    if on:
-        thinker.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        thinker.gradient_checkpointing_disable()
-
-
-@torch.no_grad()
-def rollout(model, encoded: list[Encoded], group_size: int, rollout_batch: int, gen_kw: dict, pad_id: int,
-            eos_id: int, device, float_dtype) -> tuple[list[torch.Tensor], int]:
-    """Sample `group_size` completions per prompt; returns trimmed completion ids (EOS kept) and tokens made."""
-    was_training = model.training
-    model.eval()
-    _set_checkpointing(model, False)
-    slots = [i for i in range(len(encoded)) for _ in range(group_size)]
-    completions: list[torch.Tensor] = []
-    made = 0
-    try:
-        for s in range(0, len(slots), rollout_batch):
-            part = [encoded[i] for i in slots[s: s + rollout_batch]]
-            batch = to_device(collate(part, 1, pad_id), device, float_dtype)
-            out = model.generate(**batch, **gen_kw)
-            comp = out[:, batch["input_ids"].shape[1]:].cpu()
-            mask = completion_mask(comp, eos_id)
-            for ids, m in zip(comp, mask):
-                n = int(m.sum())
-                completions.append(ids[:n].clone())
-                made += n
-    finally:
-        _set_checkpointing(model, True)
-        model.train(was_training)
-    return completions, made
-
-
-def pad_completions(comps: list[torch.Tensor], pad_id: int) -> torch.Tensor:
-    width = max(1, max(int(c.numel()) for c in comps))
-    out = torch.full((len(comps), width), pad_id, dtype=torch.long)
-    for i, c in enumerate(comps):
-        out[i, : c.numel()] = c
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -225,93 +89,324 @@ class TrainResult:
     model: Any = None  # the trained PeftModel (for notebooks and tests)
 
 
-def _console(console):
-    if console is not None:
-        return console
-    from rich.console import Console
+@dataclass
+class Run:
+    """Everything a step needs, built once by `train`."""
 
-    return Console()
-
-
-def _print_plan(console, recipe: Recipe, derived: dict, run_dir: Path, start_step: int, n_bad: int, total: int) -> None:
-    from rich.table import Table
-
-    t = Table(title="echoink-lite GRPO plan", show_header=False)
-    g = recipe.grpo
-    rows = [
-        ("model", recipe.model.name_or_path + ("  (4-bit NF4, LoRA r=%d)" % recipe.lora.r if recipe.quantization.load_in_4bit else f"  ({recipe.model.dtype}, LoRA r={recipe.lora.r})")),
-        ("training rows", f"{derived['train_rows']} usable ({n_bad} rejected of {total})"),
-        ("steps", f"{derived['total_steps']} (starting at {start_step}; {derived['steps_per_epoch']} per epoch)"),
-        ("prompts per step", str(g.prompts_per_step)),
-        ("group size", str(g.group_size)),
-        ("completions per step", f"{derived['completions_per_step']} ({derived['completions_per_process']} per process x {derived['world_size']})"),
-        ("micro-batches per step", f"{derived['micro_batches_per_step']} of {min(g.micro_batch_size, derived['completions_per_process'])}"),
-        ("generate calls per step", str(derived["generate_calls_per_step"])),
-        ("completion tokens budget", f"{recipe.generation.max_completion_tokens} per completion, {derived['rollout_tokens_budget']} per step"),
-        ("KL beta / loss", f"{g.beta} / {g.loss_type}"),
-        ("learning rate", f"{recipe.schedule.learning_rate} {recipe.schedule.lr_scheduler}"),
-        ("outputs", str(run_dir)),
-    ]
-    for k, v in rows:
-        t.add_row(k, v)
-    console.print(t)
+    recipe: Recipe
+    dst: Dist
+    rows: list[Row]
+    schedule: list[list[int]]
+    processor: Any
+    model: Any
+    engine: RolloutEngine
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    rewards: list
+    float_dtype: torch.dtype
+    console: Any
+    counters: dict[str, Any] = field(default_factory=dict)
 
 
 def train(recipe: Recipe, resume: str | None = None, console=None, force: bool = False) -> TrainResult:
     """Run GRPO for a validated recipe. Safe to call again with resume="auto" after any interruption."""
-    console = _console(console)
+    console = make_console(console)
     dst = setup_dist()
     run_dir = Path(recipe.checkpoint.output_dir)
-    if dst.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    float_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[recipe.model.dtype]
 
-    # -- data: the same checks as `data check`; bad rows are counted, never silently skipped ----------
+    # -- setup: data (bad rows counted, never silently skipped) and the resume point ------------------
     scan = scan_split(recipe.data.train, open_media=True)
     enforce_bad_fraction(scan, recipe.data.max_bad_fraction, "training split")
     rows = scan.rows[: recipe.data.limit_train_rows] if recipe.data.limit_train_rows else scan.rows
     derived = recipe.derived(len(rows), world_size=dst.world)
     total_steps = derived["total_steps"]
     fingerprint = rows_fingerprint(rows)
+    resume_from, state = _resume_point(recipe, run_dir, resume, fingerprint, dst)
+    start_step = state.get("step", 0)
+    schedule = _saved_schedule(state, recipe) or data_schedule(len(rows), recipe.grpo.prompts_per_step, total_steps,
+                                                                recipe.schedule.seed)
+    if dst.main:  # written only after every resume check passed
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        print_plan(console, recipe, derived, run_dir, start_step, len(scan.rejects), scan.total,
+                   engine=_engine_label(recipe, dst))
+    check_memory_fits(recipe, dst.device, force, console, TrainingError)
 
-    # -- resume: refuse a changed recipe or changed data -----------------------------------------------
-    resume_from = ckpt.resolve_resume(resume, run_dir)
-    start_step = 0
-    state: dict[str, Any] = {}
+    # -- model: 4-bit thinker, LoRA on the language model only; optimizer; rollout engine ---------------
+    run = _build_run(recipe, dst, rows, schedule, total_steps, console)
+    run.counters = dict(state.get("counters") or {})
+    for key in ("skipped_rows", "nonfinite_steps", "nonfinite_in_a_row", "warned_no_signal", "zero_reward_steps"):
+        run.counters.setdefault(key, 0)
+    run.counters.setdefault("bad_rows", [])
     if resume_from is not None:
-        state = ckpt.load_state(resume_from)
-        changed = changed_math_fields(state["recipe_math"], recipe)
-        if changed:
-            raise ckpt.ResumeError(
-                f"cannot resume {resume_from}: the recipe changed in fields that change the math:\n  "
-                + "\n  ".join(changed)
-                + "\nFix: restore those values, or start a new run with another checkpoint.output_dir."
-            )
-        if state["data_fingerprint"] != fingerprint:
-            raise ckpt.ResumeError(
-                f"cannot resume {resume_from}: the usable training rows differ from the checkpoint's "
-                "(different file, edits, or different rows rejected). Fix: point data.train at the same data."
-            )
-        if state.get("world_size", 1) != dst.world:
-            raise ckpt.ResumeError(f"checkpoint was written by {state.get('world_size')} processes; resume with the same number")
-        start_step = state["step"]
-        order = state["data_order"]
+        ckpt_load_training_state(resume_from, run.model, run.optimizer, run.scheduler, dst)
+        if dst.main:
+            console.print(f"[green]resumed from {resume_from} at step {start_step}/{total_steps}[/]")
     else:
-        order = data_order(len(rows), total_steps, recipe.grpo.prompts_per_step, recipe.schedule.seed)
-
+        torch.manual_seed(recipe.schedule.seed + 1000 * dst.rank)  # sampling streams differ per process
+    dst.barrier()
+    try:
+        longest = preflight_longest_prompts(rows, run.processor, recipe)
+    except PromptTooLongError as err:
+        raise TrainingError(f"preflight, before step 1: {err}") from None
     if dst.main:
-        _print_plan(console, recipe, derived, run_dir, start_step, len(scan.rejects), scan.total)
-    _preflight_memory(recipe, dst, force, console)
+        console.print(f"preflight: longest prompt {longest} tokens (cap generation.max_prompt_tokens="
+                      f"{recipe.generation.max_prompt_tokens})")
 
-    # -- model: 4-bit thinker, LoRA on the language model only, processor -------------------------------
+    # -- the loop ---------------------------------------------------------------------------------------
+    writer = MetricsWriter(run_dir, recipe.logging.report_to, recipe.logging.run_name, start_step,
+                           recipe.model_dump(mode="json")) if dst.main else None
+    saver = _Saver(run, run_dir, total_steps, fingerprint, start_step)
+    progress = progress_bar(console, recipe.logging.progress and dst.main)
+    task = progress.add_task("GRPO", total=total_steps, completed=start_step) if progress else None
+    step, last_metrics, t_loop = start_step, {}, time.time()
+    try:
+        with progress if progress else nullcontext():
+            while step < total_steps:
+                metrics = _guarded_step(run, step, saver)
+                step += 1
+                metrics["step"] = step
+                last_metrics = metrics
+                if dst.main:
+                    writer.log(metrics)
+                    eta = (time.time() - t_loop) / (step - start_step) * (total_steps - step)
+                    print_step(console, metrics, total_steps, eta)
+                    warn_on_metrics(console, metrics, run.counters)
+                    if progress:
+                        progress.update(task, completed=step)
+                if run.counters["nonfinite_in_a_row"] >= recipe.grpo.max_nonfinite_steps:
+                    saver.save(step)
+                    raise TrainingError(
+                        f"{run.counters['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient (last at "
+                        f"step {step}). The weights of the last finite step are saved. Fix: lower schedule.learning_rate, "
+                        "use model.dtype bfloat16 instead of float16, or lower schedule.max_grad_norm; then --resume auto."
+                    )
+                saver.maybe_save(step)
+    finally:
+        if writer:
+            writer.close()
+
+    # -- save the adapter and the curves ----------------------------------------------------------------
+    adapter_dir = None
+    if dst.main:
+        adapter_dir = run_dir / "adapter"
+        run.model.save_pretrained(adapter_dir, safe_serialization=True)
+        try:
+            console.print(f"curves: {plot_run(run_dir)}")
+        except FileNotFoundError:
+            pass
+        console.print(f"[bold green]done[/]: {step} steps, adapter in {adapter_dir}")
+    return TrainResult(run_dir, step, adapter_dir, last_metrics, run.counters["skipped_rows"], run.model)
+
+
+def grpo_step(run: Run, step: int) -> dict[str, Any]:
+    """One optimizer step: prompts -> rollout -> rewards -> advantages -> loss -> update. Returns metrics."""
+    recipe, dst, model, g = run.recipe, run.dst, run.model, run.recipe.grpo
+    t0 = time.time()
+    if dst.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dst.device)
+
+    # 1. prompts: this step's rows (a row that fails to load or encode is replaced), towers once per prompt
+    rows, encoded = step_prompts(run, step)
+    prompts = encode_prompts(model, encoded, dst.device, run.float_dtype)
+
+    # 2. rollout
+    roll = run.engine.generate(prompts, g.group_size) if prompts else None
+    comps = roll.completions if roll else []
+    for note in roll.notices if roll else []:
+        run.console.print(f"[yellow]{note}[/]")
+
+    # 3. rewards and advantages
+    texts = [run.processor.tokenizer.decode(c.tolist(), skip_special_tokens=True) for c in comps]
+    slot_rows = [r for r in rows for _ in range(g.group_size)]
+    columns = dict(solution=[r.solution for r in slot_rows], answer=[r.answer for r in slot_rows],
+                   options=[list(r.options) for r in slot_rows], problem_id=[r.problem_id for r in slot_rows],
+                   problem=[r.problem for r in slot_rows])
+    total_r, per_name = compute_rewards(run.rewards, texts, **columns) if texts else ([], {n: [] for n, _, _ in run.rewards})
+    rewards = torch.tensor(total_r, dtype=torch.float32)
+    adv, std = group_advantages(rewards, g.group_size, g.advantage_eps) if len(rewards) else (rewards, rewards)
+    lengths = torch.tensor([c.numel() for c in comps], dtype=torch.float32)
+
+    # 4. loss pass: per micro-batch of one group, policy (and reference) log-probs, backward.
+    # The normaliser counts all processes' completions (or tokens), so summed gradients equal the mean.
+    n_local = float(len(comps)) if g.loss_type == "sequence" else float(lengths.sum())
+    normaliser = max(1.0, float(dst.sum_(torch.tensor([n_local])).item()))
+    t_loss = time.time()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum = kl_sum = kl_tokens = 0.0
+    for gi, prompt in enumerate(prompts):
+        members = sorted(range(gi * g.group_size, (gi + 1) * g.group_size), key=lambda i: -comps[i].numel())
+        for s in range(0, len(members), g.micro_batch_size):
+            idx = members[s: s + g.micro_batch_size]
+            ids = _pad([comps[i] for i in idx], run.processor.tokenizer.pad_token_id).to(dst.device)
+            mask = _pad([torch.ones_like(comps[i]) for i in idx], 0).to(dst.device)
+            ref = None
+            if g.beta > 0:
+                with torch.no_grad(), model.disable_adapter():
+                    ref = completion_logps(model, prompt, ids, mask, recipe.generation.temperature, g.logprob_chunk_tokens)
+            logps = completion_logps(model, prompt, ids, mask, recipe.generation.temperature, g.logprob_chunk_tokens,
+                                     checkpoint_layers=recipe.model.gradient_checkpointing)
+            loss, kl = grpo_loss(logps, ref, adv[idx].to(dst.device), mask, g.beta, g.loss_type, normaliser)
+            loss.backward()
+            loss_sum += float(loss.detach())
+            kl_sum += float((kl.detach() * mask).sum())
+            kl_tokens += float(mask.sum())
+
+    # 5. update: all-reduce, clip, step (a non-finite step is skipped, the schedule still advances)
+    update = _update(run, loss_sum)
+    t_loss = time.time() - t_loss
+
+    # metrics summed over processes
+    names = list(per_name)
+    local = torch.tensor(
+        [sum(per_name[n]) for n in names]
+        + [float(rewards.sum()), float(len(comps)), float((std < 1e-8).sum()) if len(std) else 0.0, float(len(std)),
+           float(lengths.sum()), kl_sum, kl_tokens, float(roll.tokens if roll else 0), roll.seconds if roll else 0.0],
+        dtype=torch.float64,
+    )
+    tot = dst.sum_(local).tolist()
+    k = len(names)
+    n = max(1.0, tot[k + 1])
+    metrics: dict[str, Any] = {f"reward/{nm}": tot[i] / n for i, nm in enumerate(names)}
+    metrics.update(
+        reward=tot[k] / n,
+        accuracy=metrics.get("reward/accuracy"),
+        format_rate=metrics.get("reward/format"),
+        zero_std_fraction=tot[k + 2] / max(1.0, tot[k + 3]),  # groups whose completions all got the same reward
+        completion_length=tot[k + 4] / n,
+        kl=tot[k + 5] / max(1.0, tot[k + 6]) if g.beta > 0 else None,
+        **update,
+        rollout_tokens_per_s=tot[k + 7] / max(1e-9, tot[k + 8] / dst.world),  # tokens over mean rollout time
+        step_time_s=time.time() - t0,
+        rollout_time_s=roll.seconds if roll else 0.0,
+        train_time_s=t_loss,
+        rollout_path=roll.path if roll else None,
+        skipped_rows=run.counters["skipped_rows"],
+    )
+    metrics.update(_peak_memory(dst.device))
+    if recipe.logging.log_completions_every and (step + 1) % recipe.logging.log_completions_every == 0 and texts:
+        metrics["sample_completion"] = texts[0][:500]
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step parts
+# ---------------------------------------------------------------------------------------------------
+def step_prompts(run: Run, step: int) -> tuple[list[Row], list[Encoded]]:
+    """This process's rows of `step`, loaded and encoded. A row that fails (unreadable or unencodable media,
+    a prompt over the cap) is skipped with a one-line warning, counted, remembered, and replaced by the next
+    usable row of the data order, so every step keeps its number of prompts. All processes decide the same
+    replacements, then each takes every world_size-th prompt."""
+    recipe, dst = run.recipe, run.dst
+    wanted = run.schedule[step]
+    later = [i for s in run.schedule[step + 1:] + run.schedule[:step] for i in s]  # replacements, in data order
+    bad = set(run.counters["bad_rows"])
+    chosen: list[tuple[Row, Encoded]] = []
+    seen: set[int] = set()
+    for i in wanted + later:
+        if len(chosen) == len(wanted):
+            break
+        if i in seen or i in bad:
+            continue
+        seen.add(i)
+        row = run.rows[i]
+        try:
+            ex = load_example(row, recipe.data.max_audio_seconds, recipe.data.max_pixels)
+            chosen.append((row, encode_example(run.processor, ex, recipe.generation.max_prompt_tokens)))
+        except (MediaError, PromptTooLongError, ValueError, RuntimeError, OSError) as err:
+            bad.add(i)
+            run.counters["bad_rows"].append(i)
+            run.counters["skipped_rows"] += 1
+            if dst.main:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                run.console.print(f"[yellow]skipped row problem_id={row.problem_id} at step {step + 1} "
+                                  f"(replaced by the next row of the data order): {first}[/]", highlight=False)
+    mine = chosen[dst.rank:: dst.world]
+    return [r for r, _ in mine], [e for _, e in mine]
+
+
+def _pad(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
+    width = max(1, max(int(c.numel()) for c in seqs))
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, c in enumerate(seqs):
+        out[i, : c.numel()] = c
+    return out
+
+
+def _update(run: Run, loss_sum: float) -> dict[str, Any]:
+    """All-reduce gradients, clip, optimizer and scheduler step; a non-finite step is skipped."""
+    dst, params = run.dst, run.params
+    if dst.world > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+    has_grad = any(p.grad is not None for p in params)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.recipe.schedule.max_grad_norm)) if has_grad else 0.0
+    loss = float(dst.sum_(torch.tensor([loss_sum], dtype=torch.float64)).item())
+    finite = math.isfinite(grad_norm) and math.isfinite(loss)
+    lr = run.scheduler.get_last_lr()[0]
+    if finite:
+        run.optimizer.step()
+        run.counters["nonfinite_in_a_row"] = 0
+    else:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.counters["nonfinite_steps"] += 1
+        run.counters["nonfinite_in_a_row"] += 1
+    with warnings.catch_warnings():  # a skipped step steps the scheduler without the optimizer, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        run.scheduler.step()  # the schedule follows steps taken, skipped or not, so resume stays aligned
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped_step": not finite}
+
+
+def _peak_memory(device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_gpu_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                "peak_gpu_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _guarded_step(run: Run, step: int, saver: "_Saver") -> dict[str, Any]:
+    """`grpo_step`, turning a GPU out-of-memory into a TrainingError that keeps the finished steps."""
+    rng_at_step_start = ckpt.rng_state()
+    try:
+        return grpo_step(run, step)
+    except torch.cuda.OutOfMemoryError as err:
+        run.optimizer.zero_grad(set_to_none=True)
+        ckpt.set_rng_state(rng_at_step_start)
+        saver.save_if_new(step)
+        g, gen = run.recipe.grpo, run.recipe.generation
+        ids = [str(run.rows[i].problem_id) for i in run.schedule[step]]
+        raise TrainingError(
+            f"GPU out of memory at step {step + 1} (rows {', '.join(ids)}): {str(err).splitlines()[0]}\n"
+            "Finished steps are saved. Lower one of these and resume with --resume auto: "
+            f"grpo.rollout_batch_size={g.rollout_batch_size} (rollout), grpo.micro_batch_size={g.micro_batch_size} "
+            f"(loss pass), grpo.logprob_chunk_tokens={g.logprob_chunk_tokens}. These change the math and need a new "
+            f"run: grpo.group_size={g.group_size}, generation.max_completion_tokens={gen.max_completion_tokens}. "
+            "`echoink-lite plan RECIPE` estimates the effect."
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup, resume and saving
+# ---------------------------------------------------------------------------------------------------
+def _engine_label(recipe: Recipe, dst: Dist) -> str:
+    if dst.device.type != "cuda":
+        return "eager decode (CPU)"
+    return "CUDA-graph decode" if recipe.generation.cuda_graph else "eager decode (generation.cuda_graph=false)"
+
+
+def _build_run(recipe: Recipe, dst: Dist, rows, schedule, total_steps: int, console) -> Run:
     torch.manual_seed(recipe.schedule.seed)
     processor = load_processor(recipe.model.name_or_path, recipe.model.revision, max_pixels=recipe.data.max_pixels)
     tok = processor.tokenizer
     base = load_thinker_from_recipe(recipe, device=dst.device)
-    if recipe.model.gradient_checkpointing:
-        base._echoink_gc = True
-    model = add_lora(base, recipe.lora, gradient_checkpointing=recipe.model.gradient_checkpointing, seed=recipe.schedule.seed)
+    # The loss pass checkpoints each decoder layer itself (loss.py); transformers' checkpointing stays off.
+    model = add_lora(base, recipe.lora, gradient_checkpointing=False, seed=recipe.schedule.seed)
+    disable_hf_checkpointing(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     s = recipe.schedule
@@ -319,155 +414,51 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     from transformers import get_scheduler
 
     scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=total_steps)
-    if resume_from is not None:
-        _load_training_state(resume_from, model, optimizer, scheduler, dst)
-        if dst.main:
-            console.print(f"[green]resumed from {resume_from} at step {start_step}/{total_steps}[/]")
-    else:
-        torch.manual_seed(recipe.schedule.seed + 1000 * dst.rank)  # sampling streams differ per process
-    dst.barrier()
-
-    try:
-        longest = preflight_longest_prompts(rows, processor, recipe)
-    except PromptTooLongError as err:
-        raise TrainingError(f"preflight, before step 1: {err}") from None
-    if dst.main:
-        console.print(f"preflight: longest prompt {longest} tokens (cap generation.max_prompt_tokens="
-                      f"{recipe.generation.max_prompt_tokens})")
-    rewards = resolve_rewards(recipe.grpo.rewards)
-    eos_id = tok.convert_tokens_to_ids("<|im_end|>")
-    pad_id = tok.pad_token_id
-    gcfg = recipe.generation
-    gen_kw = generation_kwargs(
-        tok, do_sample=True, max_new_tokens=gcfg.max_completion_tokens, temperature=gcfg.temperature,
-        top_p=gcfg.top_p, top_k=gcfg.top_k, suppress_ids=multimodal_token_ids(tok),
+    gen = recipe.generation
+    sampling = SamplingParams(
+        max_new_tokens=gen.max_completion_tokens, eos_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_id=tok.pad_token_id,
+        do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+        suppress_ids=tuple(multimodal_token_ids(tok)),
     )
-    writer = MetricsWriter(run_dir, recipe.logging.report_to, recipe.logging.run_name, start_step,
-                           recipe.model_dump(mode="json")) if dst.main else None
-    counters = dict(state.get("counters", {"skipped_rows": 0, "nonfinite_steps": 0, "nonfinite_in_a_row": 0,
-                                            "warned_no_signal": 0, "zero_reward_steps": 0}))
-    last_save_time = time.time()
-    last_saved_step = start_step
-    last_metrics: dict[str, Any] = {}
-
-    def save(step: int) -> None:
-        nonlocal last_save_time, last_saved_step
-        tmp = ckpt.tmp_path_for(run_dir, step)
-        if dst.main:
-            ckpt.begin_save(run_dir, step)
-        dst.barrier()
-        ckpt.save_rank_rng(tmp, dst.rank)
-        dst.barrier()
-        if dst.main:
-            st = {"total_steps": total_steps, "data_order": order, "recipe_math": recipe.math_dict(),
-                  "recipe_hash": recipe.math_hash(), "data_fingerprint": fingerprint, "counters": counters,
-                  "world_size": dst.world}
-            ckpt.finish_save(run_dir, tmp, step, model, optimizer, scheduler, st, recipe.checkpoint.keep_last)
-        dst.barrier()
-        last_save_time, last_saved_step = time.time(), step
-
-    progress = _progress(console, recipe.logging.progress and dst.main)
-    task = progress.add_task("GRPO", total=total_steps, completed=start_step) if progress else None
-    step = start_step
-    try:
-        with progress if progress else nullcontext():
-            while step < total_steps:
-                rng_at_step_start = ckpt.rng_state()
-                try:
-                    metrics = _train_step(step, recipe, model, processor, rows, order, optimizer, scheduler, params,
-                                          rewards, gen_kw, eos_id, pad_id, float_dtype, dst, counters)
-                except torch.cuda.OutOfMemoryError as err:
-                    optimizer.zero_grad(set_to_none=True)
-                    ckpt.set_rng_state(rng_at_step_start)
-                    if step > last_saved_step:
-                        save(step)
-                    ids = [str(rows[i].problem_id) for i in order[step * recipe.grpo.prompts_per_step:(step + 1) * recipe.grpo.prompts_per_step]]
-                    raise TrainingError(
-                        f"GPU out of memory at step {step + 1} (rows {', '.join(ids)}): {str(err).splitlines()[0]}\n"
-                        "Finished steps are saved; resume with --resume auto after turning one of these knobs: "
-                        f"grpo.micro_batch_size={recipe.grpo.micro_batch_size} (lower), grpo.rollout_batch_size="
-                        f"{recipe.grpo.rollout_batch_size} (lower), grpo.group_size={recipe.grpo.group_size} (lower), "
-                        f"generation.max_completion_tokens={gcfg.max_completion_tokens} (lower), "
-                        f"grpo.logprob_chunk_tokens={recipe.grpo.logprob_chunk_tokens} (lower). "
-                        "`echoink-lite plan RECIPE` estimates the effect."
-                    ) from None
-                except PromptTooLongError as err:
-                    ckpt.set_rng_state(rng_at_step_start)
-                    if step > last_saved_step:
-                        save(step)
-                    raise TrainingError(f"at step {step + 1}: {err}\nFinished steps are saved; fix and resume with --resume auto.") from None
-                step += 1
-                metrics["step"] = step
-                last_metrics = metrics
-                if dst.main:
-                    writer.log(metrics)
-                    _print_step(console, metrics, total_steps, recipe)
-                    _warn(console, metrics, counters)
-                    if progress:
-                        progress.update(task, completed=step)
-                if counters["nonfinite_in_a_row"] >= recipe.grpo.max_nonfinite_steps:
-                    save(step)
-                    raise TrainingError(
-                        f"{counters['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient (last at step {step}). "
-                        "The weights of the last finite step are saved. Fix: lower schedule.learning_rate, "
-                        "use model.dtype bfloat16 instead of float16, or lower schedule.max_grad_norm; then --resume auto."
-                    )
-                due_time = (time.time() - last_save_time) / 60 >= recipe.checkpoint.save_every_minutes
-                due_time = bool(dst.sum_(torch.tensor([float(due_time)])).item() > 0)  # all ranks agree
-                if step % recipe.checkpoint.save_every_steps == 0 or due_time or step == total_steps:
-                    save(step)
-    finally:
-        if writer:
-            writer.close()
-
-    adapter_dir = None
-    if dst.main:
-        adapter_dir = run_dir / "adapter"
-        model.save_pretrained(adapter_dir, safe_serialization=True)
-        try:
-            png = plot_run(run_dir)
-            console.print(f"curves: {png}")
-        except FileNotFoundError:
-            pass
-        console.print(f"[bold green]done[/]: {step} steps, adapter in {adapter_dir}")
-    return TrainResult(run_dir, step, adapter_dir, last_metrics, counters["skipped_rows"], model)
+    engine = RolloutEngine(model, sampling, batch_size=recipe.grpo.rollout_batch_size, cuda_graph=gen.cuda_graph)
+    return Run(recipe=recipe, dst=dst, rows=rows, schedule=schedule, processor=processor, model=model, engine=engine,
+               optimizer=optimizer, scheduler=scheduler, params=params, rewards=resolve_rewards(recipe.grpo.rewards),
+               float_dtype=torch_dtype(recipe.model.dtype), console=console)
 
 
-def preflight_longest_prompts(rows: list[Row], processor, recipe: Recipe, k: int = 8) -> int:
-    """Encode the rows likely to give the longest prompts (longest audio, largest image, longest text) and
-    fail before step 1, naming the row, if one exceeds the cap: an OOM or a crash late in the run costs more."""
-    import soundfile as sf
-    from PIL import Image
-
-    def audio_seconds(r: Row) -> float:
-        try:
-            info = sf.info(str(r.audio_path))
-            return min(info.frames / info.samplerate, recipe.data.max_audio_seconds)
-        except Exception:
-            return 0.0
-
-    def pixels(r: Row) -> int:
-        try:
-            with Image.open(r.image_path) as im:
-                return min(im.size[0] * im.size[1], recipe.data.max_pixels)
-        except Exception:
-            return 0
-
-    picks: dict[int, Row] = {}
-    for key in (audio_seconds, pixels, lambda r: len(r.prompt_text)):
-        for r in sorted(rows, key=key, reverse=True)[:k]:
-            picks[r.index] = r
-    longest = 0
-    for r in picks.values():
-        try:
-            ex = load_example(r, recipe.data.max_audio_seconds, recipe.data.max_pixels)
-        except MediaError:
-            continue  # counted when the row is reached
-        longest = max(longest, encode_example(processor, ex, recipe.generation.max_prompt_tokens).length)
-    return longest
+def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, fingerprint: str, dst: Dist) -> tuple[Path | None, dict]:
+    """(checkpoint to resume from, its state) after refusing a changed recipe, data or process count."""
+    resume_from = ckpt.resolve_resume(resume, run_dir)
+    if resume_from is None:
+        return None, {}
+    state = ckpt.load_state(resume_from)
+    changed = changed_math_fields(state["recipe_math"], recipe)
+    if changed:
+        raise ckpt.ResumeError(
+            f"cannot resume {resume_from}: the recipe changed in fields that change the math:\n  "
+            + "\n  ".join(changed)
+            + "\nFix: restore those values, or start a new run with another checkpoint.output_dir."
+        )
+    if state["data_fingerprint"] != fingerprint:
+        raise ckpt.ResumeError(
+            f"cannot resume {resume_from}: the usable training rows differ from the checkpoint's "
+            "(different file, edits, or different rows rejected). Fix: point data.train at the same data."
+        )
+    if state.get("world_size", 1) != dst.world:
+        raise ckpt.ResumeError(f"checkpoint was written by {state.get('world_size')} processes; resume with the same number")
+    return resume_from, state
 
 
-def _load_training_state(path: Path, model, optimizer, scheduler, dst: Dist) -> None:
+def _saved_schedule(state: dict, recipe: Recipe) -> list[list[int]] | None:
+    if "data_schedule" in state:
+        return state["data_schedule"]
+    if "data_order" in state:  # checkpoints written before per-epoch steps: a flat order, full steps
+        order, n = state["data_order"], recipe.grpo.prompts_per_step
+        return [order[s: s + n] for s in range(0, len(order), n)]
+    return None
+
+
+def ckpt_load_training_state(path: Path, model, optimizer, scheduler, dst: Dist) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -480,188 +471,37 @@ def _load_training_state(path: Path, model, optimizer, scheduler, dst: Dist) -> 
     ckpt.load_rank_rng(path, dst.rank)
 
 
-def _preflight_memory(recipe: Recipe, dst: Dist, force: bool, console) -> None:
-    """Refuse a recipe that cannot fit the detected GPU (the planner), unless forced."""
-    if dst.device.type != "cuda":
-        return
-    from .plan import check_recipe_fits_gpu
+class _Saver:
+    """Checkpoints every `save_every_steps`, every `save_every_minutes` (all processes agree) and at the end."""
 
-    ok, message = check_recipe_fits_gpu(recipe, dst.device)
-    if not ok:
-        if force:
-            console.print(f"[yellow]planner: {message} (continuing because --force)[/]")
-        else:
-            raise TrainingError(f"{message}\nPass --force to try anyway.")
+    def __init__(self, run: Run, run_dir: Path, total_steps: int, fingerprint: str, start_step: int):
+        self.run, self.run_dir, self.total_steps, self.fingerprint = run, run_dir, total_steps, fingerprint
+        self.last_time, self.last_step = time.time(), start_step
 
+    def save(self, step: int) -> None:
+        run, dst = self.run, self.run.dst
+        tmp = ckpt.tmp_path_for(self.run_dir, step)
+        if dst.main:
+            ckpt.begin_save(self.run_dir, step)
+        dst.barrier()
+        ckpt.save_rank_rng(tmp, dst.rank)
+        dst.barrier()
+        if dst.main:
+            st = {"total_steps": self.total_steps, "data_schedule": run.schedule, "recipe_math": run.recipe.math_dict(),
+                  "recipe_hash": run.recipe.math_hash(), "data_fingerprint": self.fingerprint, "counters": run.counters,
+                  "world_size": dst.world}
+            ckpt.finish_save(self.run_dir, tmp, step, run.model, run.optimizer, run.scheduler, st,
+                             run.recipe.checkpoint.keep_last)
+        dst.barrier()
+        self.last_time, self.last_step = time.time(), step
 
-def _train_step(step, recipe, model, processor, rows, order, optimizer, scheduler, params, rewards, gen_kw,
-                eos_id, pad_id, float_dtype, dst: Dist, counters) -> dict[str, Any]:
-    g = recipe.grpo
-    t0 = time.time()
-    if dst.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dst.device)
-    step_rows = [rows[i] for i in order[step * g.prompts_per_step:(step + 1) * g.prompts_per_step]]
-    my_rows = step_rows[dst.rank:: dst.world]
+    def save_if_new(self, step: int) -> None:
+        if step > self.last_step:
+            self.save(step)
 
-    # 1. prompts: media decoded and encoded once per prompt; bad media is skipped and counted
-    encoded, kept_rows = [], []
-    for row in my_rows:
-        try:
-            ex = load_example(row, recipe.data.max_audio_seconds, recipe.data.max_pixels)
-        except MediaError:
-            counters["skipped_rows"] += 1
-            continue
-        encoded.append(encode_example(processor, ex, recipe.generation.max_prompt_tokens))
-        kept_rows.append(row)
-
-    # 2. rollout
-    t_roll = time.time()
-    comps, made = rollout(model, encoded, g.group_size, g.rollout_batch_size, gen_kw, pad_id, eos_id, dst.device, float_dtype) if encoded else ([], 0)
-    t_roll = time.time() - t_roll
-
-    # 3. rewards and advantages
-    texts = [processor.tokenizer.decode(c.tolist(), skip_special_tokens=True) for c in comps]
-    slot_rows = [r for r in kept_rows for _ in range(g.group_size)]
-    columns = dict(solution=[r.solution for r in slot_rows], answer=[r.answer for r in slot_rows],
-                   options=[list(r.options) for r in slot_rows], problem_id=[r.problem_id for r in slot_rows],
-                   problem=[r.problem for r in slot_rows])
-    total_r, per_name = compute_rewards(rewards, texts, **columns) if texts else ([], {n: [] for n, _, _ in rewards})
-    r = torch.tensor(total_r, dtype=torch.float32)
-    adv, std = group_advantages(r, g.group_size, g.advantage_eps) if len(r) else (r, r)
-    lengths = torch.tensor([c.numel() for c in comps], dtype=torch.float32)
-
-    # normaliser over all processes, so the summed gradients equal the single-process mean
-    n_local = float(len(comps)) if g.loss_type == "sequence" else float(lengths.sum())
-    normaliser = max(1.0, float(dst.sum_(torch.tensor([n_local])).item()))
-
-    # 4. policy (and reference) log-probs per micro-batch, backward
-    t_fb = time.time()
-    optimizer.zero_grad(set_to_none=True)
-    loss_sum, kl_sum, kl_tokens = 0.0, 0.0, 0.0
-    micro = g.micro_batch_size
-    slot_enc = [encoded[i // g.group_size] for i in range(len(comps))]
-    for s in range(0, len(comps), micro):
-        idx = list(range(s, min(s + micro, len(comps))))
-        comp_ids = pad_completions([comps[i] for i in idx], pad_id)
-        mask = pad_completions([torch.ones_like(comps[i]) for i in idx], 0)
-        batch = to_device(collate([slot_enc[i] for i in idx], 1, pad_id, completions=list(comp_ids)), dst.device, float_dtype)
-        prompt_width = batch["input_ids"].shape[1] - comp_ids.shape[1]
-        comp_ids, mask = comp_ids.to(dst.device), mask.to(dst.device)
-        ref = None
-        if g.beta > 0:
-            with torch.no_grad(), model.disable_adapter():
-                ref = completion_logps(model, batch, prompt_width, comp_ids, recipe.generation.temperature, g.logprob_chunk_tokens)
-        logps = completion_logps(model, batch, prompt_width, comp_ids, recipe.generation.temperature, g.logprob_chunk_tokens)
-        loss, kl = grpo_loss(logps, ref, adv[idx].to(dst.device), mask, g.beta, g.loss_type, normaliser)
-        loss.backward()
-        loss_sum += float(loss.detach())
-        kl_sum += float((kl.detach() * mask).sum())
-        kl_tokens += float(mask.sum())
-
-    # 5. all-reduce, clip, step (skip a non-finite step)
-    if dst.world > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, recipe.schedule.max_grad_norm)) if any(p.grad is not None for p in params) else 0.0
-    loss_t = dst.sum_(torch.tensor([loss_sum]))
-    finite = math.isfinite(grad_norm) and bool(torch.isfinite(loss_t).all())
-    lr = scheduler.get_last_lr()[0]
-    if finite:
-        optimizer.step()
-        counters["nonfinite_in_a_row"] = 0
-    else:
-        optimizer.zero_grad(set_to_none=True)
-        counters["nonfinite_steps"] += 1
-        counters["nonfinite_in_a_row"] += 1
-    with warnings.catch_warnings():  # a skipped step steps the scheduler without the optimizer, on purpose
-        warnings.simplefilter("ignore", UserWarning)
-        scheduler.step()  # the schedule follows steps taken, skipped or not, so resume stays aligned
-    t_fb = time.time() - t_fb
-
-    # metrics summed over processes
-    names = list(per_name)
-    local = torch.tensor(
-        [sum(per_name[n]) for n in names]
-        + [float(r.sum()), float(len(comps)), float((std < 1e-8).sum()) if len(std) else 0.0, float(len(std)),
-           float(lengths.sum()), kl_sum, kl_tokens, float(made), t_roll],
-        dtype=torch.float64,
-    )
-    tot = dst.sum_(local).tolist()
-    k = len(names)
-    n = max(1.0, tot[k + 1])
-    metrics: dict[str, Any] = {f"reward/{nm}": tot[i] / n for i, nm in enumerate(names)}
-    metrics.update(
-        reward=tot[k] / n,
-        accuracy=metrics.get("reward/accuracy"),
-        format_rate=metrics.get("reward/format"),
-        zero_std_fraction=tot[k + 2] / max(1.0, tot[k + 3]),
-        completion_length=tot[k + 4] / n,
-        kl=tot[k + 5] / max(1.0, tot[k + 6]) if recipe.grpo.beta > 0 else None,
-        loss=float(loss_t.item()),
-        grad_norm=grad_norm,
-        lr=lr,
-        rollout_tokens_per_s=tot[k + 7] / max(1e-9, tot[k + 8] / dst.world),  # tokens over mean rollout time
-        step_time_s=time.time() - t0,
-        rollout_time_s=t_roll,
-        train_time_s=t_fb,
-        skipped_step=not finite,
-        skipped_rows=counters["skipped_rows"],
-    )
-    metrics.update(_peak_memory(dst.device))
-    if recipe.logging.log_completions_every and (step + 1) % recipe.logging.log_completions_every == 0 and texts:
-        metrics["sample_completion"] = texts[0][:500]
-    return metrics
-
-
-def _peak_memory(device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {"peak_gpu_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_gpu_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
-    import resource
-
-    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
-def _progress(console, enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
-
-
-def _fmt(v, spec=".3f"):
-    return "-" if v is None else format(v, spec)
-
-
-def _print_step(console, m: dict, total: int, recipe: Recipe) -> None:
-    mem = m.get("peak_gpu_allocated_gb", m.get("peak_rss_gb"))
-    extra = " [red]non-finite: skipped[/]" if m.get("skipped_step") else ""
-    console.print(
-        f"step {m['step']:>4}/{total} reward {_fmt(m['reward'])} acc {_fmt(m['accuracy'])} fmt {_fmt(m['format_rate'])} "
-        f"no-signal {_fmt(m['zero_std_fraction'], '.2f')} len {_fmt(m['completion_length'], '.1f')} kl {_fmt(m['kl'], '.4f')} "
-        f"gnorm {_fmt(m['grad_norm'], '.3f')} lr {m['lr']:.2e} {m['rollout_tokens_per_s']:.0f} tok/s "
-        f"{m['step_time_s']:.1f}s mem {_fmt(mem, '.2f')}GB{extra}"
-    )
-    if m.get("sample_completion"):
-        console.print(f"  sample: {m['sample_completion']!r}")
-
-
-def _warn(console, m: dict, counters: dict) -> None:
-    if m["zero_std_fraction"] >= 0.75:
-        counters["warned_no_signal"] += 1
-        if counters["warned_no_signal"] in (3, 10, 30):
-            console.print(f"[yellow]warning: {m['zero_std_fraction']:.0%} of groups had identical rewards for several steps "
-                          "(no learning signal). Raise grpo.group_size or generation.temperature, or use harder/easier data.[/]")
-    else:
-        counters["warned_no_signal"] = 0
-    if (m["reward"] or 0.0) == 0.0:
-        counters["zero_reward_steps"] += 1
-        if counters["zero_reward_steps"] in (5, 20):
-            console.print("[yellow]warning: every reward has been zero for several steps: check the prompt format, "
-                          "the solutions (`echoink-lite data check`), and generation.max_completion_tokens.[/]")
-    else:
-        counters["zero_reward_steps"] = 0
+    def maybe_save(self, step: int) -> None:
+        c = self.run.recipe.checkpoint
+        due_time = (time.time() - self.last_time) / 60 >= c.save_every_minutes
+        due_time = bool(self.run.dst.sum_(torch.tensor([float(due_time)])).item() > 0)  # all processes agree
+        if step % c.save_every_steps == 0 or due_time or step == self.total_steps:
+            self.save(step)

@@ -20,30 +20,33 @@ weights
     layers in 4-bit when quantize_audio_tower / quantize_vision_tower; convolutions, norms and biases
     stay in the compute dtype).
 LoRA training state: parameters, gradients and the two AdamW moments, all fp32: 16 bytes per parameter.
-rollout phase (`generate`, no grad, rollout batch Br = min(grpo.rollout_batch_size, completions per step)):
-  - KV cache: 2 x layers x kv_heads x head_dim x bytes x Br x (prompt + completion) (56 KiB/token in bf16);
-  - prefill logits: the thinker has no `logits_to_keep`, so `generate` computes lm_head over every prompt
-    position: Br x prompt x vocab x bytes (3.2 GiB for 16 prompts of 706 tokens);
-  - prefill activations of one layer: Br x prompt x (4 H + 5 I) x bytes (residual, norm, attention, and
-    the MLP with its LoRA branches: gate, act, up, LoRA output, sum);
-  - tower forward activations of one tower layer for Br copies of the media (small);
-  rollout = max(KV(prompt) + max(prefill logits, prefill activations, towers), KV(full) + one layer's KV
-  copy (the cache grows by concatenation)).
-training phase (per micro-batch Bm = min(grpo.micro_batch_size, completions per step), T = prompt + completion):
-  - with gradient checkpointing: the input of every layer is kept: (layers + 1) x Bm x T x H x bytes,
-    plus, while one layer is recomputed in backward, its saved tensors and gradient working set:
-    Bm x T x (cH H + cKV KV + cI I) x bytes with cH = 16.25, cKV = 2, cI = 5 for the saved tensors
+rollout phase (rollout.py, no grad, decode batch Br = min(grpo.rollout_batch_size, completions per process)):
+  - the prompt embeddings after the towers, kept for the whole step: prompts x prompt x H x bytes;
+  - the static KV cache: 2 x layers x kv_heads x head_dim x bytes x Br x (prompt + completion)
+    (56 KiB/token in bf16), preallocated once per decode batch;
+  - plus the largest of: one prompt's prefill (batch 1: one layer's activations and the prompt's keys/values;
+    lm_head runs on the last position only), one prompt's tower forward, and the decode step's fp32 logits
+    and sampling copies (Br x vocab x 4 bytes x 4).
+training phase (loss.py, per micro-batch of Bm = min(grpo.micro_batch_size, group_size) completions of one
+group; the prompt runs once, Nt = prompt + Bm x completion tokens):
+  - with gradient checkpointing (the kit's own, per layer): the input of every layer is kept:
+    (layers + 1) x Nt x H x bytes, plus the prompt's keys/values of every layer, plus, while one layer is
+    recomputed in backward, its saved tensors and gradient working set for the completion tokens:
+    Bm x completion x (cH H + cKV KV + cI I) x bytes with cH = 16.25, cKV = 2, cI = 5 for the saved tensors
     (counted on CPU with `torch.autograd.graph.saved_tensors_hooks` on one Qwen2.5-Omni decoder layer
     with LoRA on its 7 projections, sdpa: RMSNorm keeps fp32 copies, rotary, q/k/v, attention output,
     MLP intermediates), +6 H +2 I when lora.dropout > 0 (dropout outputs and masks), plus 2 H + 3 I of
-    gradients in flight;
-  - without checkpointing: every layer's saved tensors at once (layers x the saved term above);
-  - the log-prob chunk: Bm x min(chunk, completion) x vocab x (3 x 4 + bytes): bf16 logits, fp32 logits,
-    log_softmax and its gradient (the chunk is recomputed in backward, never kept);
-  - the reference forward (beta > 0) runs before, without grad: Bm x T x (4 H + 5 I) x bytes;
-  training = max(reference forward, kept layer inputs + max(layer recompute, log-prob chunk, towers)).
+    gradients in flight, plus the layer's prompt + completion keys/values expanded to all heads for sdpa;
+  - without checkpointing: every layer's saved tensors at once;
+  - the log-prob chunk: min(chunk, Bm x completion) tokens x vocab x (3 x 4 + bytes): bf16 logits, fp32
+    logits, logsumexp working copy and the gradient (recomputed in backward, never kept);
+  - the reference forward (beta > 0) runs before, without grad: the prompt's keys/values plus one layer's
+    activations for the completion tokens;
+  training = prompt embeddings + max(reference forward, kept layer inputs + prompt keys/values +
+  max(layer recompute, log-prob chunk)).
 Both phases add one dequantized 4-bit weight (the largest, I x H x bytes) when load_in_4bit.
-CUDA context and allocator slack: a constant 1.0 GiB (cuBLAS/cuDNN workspaces, kernels, fragmentation).
+Overhead: the CUDA context (a constant 1.0 GiB; 0.83 GB measured on an H100) and the caching allocator's
+reserve beyond its allocated peak (ALLOCATOR_RESERVE_FRACTION of the peak, with expandable segments on).
 
 Prompt tokens = text tokens (200 when unknown) + 25 audio tokens per second x data.max_audio_seconds
 + data.max_pixels / (patch x merge)^2 image tokens (28 x 28 pixels per token for Qwen2.5-Omni).
@@ -80,6 +83,11 @@ DROPOUT_H, DROPOUT_I = 6.0, 2.0
 GRAD_H, GRAD_I = 2.0, 3.0
 NOGRAD_H, NOGRAD_I = 4.0, 5.0
 LOGPROB_FP32_COPIES = 3
+DECODE_FP32_COPIES = 4  # decode step: logits, temperature-scaled logits, their log-softmax, the filtered copy
+# Memory the caching allocator holds beyond its allocated peak, as a fraction of that peak. Measured on one
+# H100 (2026-11-26) at 0.30 without expandable segments (16.03 GB reserved for 12.37 GB allocated); the kit
+# now turns expandable segments on (echoink_lite/__init__.py), which this value assumes.
+ALLOCATOR_RESERVE_FRACTION = 0.05
 
 NF4_BLOCK = 64
 NF4_DQ_BLOCK = 256
@@ -316,18 +324,20 @@ COMPONENT_LABELS = {
     "audio_tower": "audio tower",
     "vision_tower": "vision tower",
     "lora_state": "LoRA weights + grads + AdamW (fp32, 16 B/param)",
-    "rollout_kv_cache": "KV cache (prompt + completion)",
-    "rollout_prefill_logits": "prefill logits (lm_head over the whole prompt)",
-    "rollout_prefill_activations": "prefill activations (one layer)",
-    "rollout_tower_activations": "tower forward (rollout batch)",
-    "train_layer_inputs": "checkpointed layer inputs",
+    "prompt_embeddings": "prompt embeddings after the towers (kept for the step)",
+    "rollout_kv_cache": "static KV cache (decode batch x (prompt + completion))",
+    "rollout_prefill": "prefill of one prompt (one layer + its keys/values)",
+    "rollout_tower_activations": "tower forward (one prompt)",
+    "rollout_decode_logits": "decode step logits and sampling (fp32)",
+    "train_layer_inputs": "checkpointed layer inputs (prompt + micro-batch)",
+    "train_prefix_kv": "the prompt's keys/values, shared by the micro-batch",
     "train_layer_recompute": "one layer's recompute + gradients",
     "train_all_layers": "all layers' saved activations (no checkpointing)",
-    "train_logprob_chunk": "log-prob chunk (logits, log_softmax, grad)",
-    "train_tower_activations": "tower forward (micro-batch)",
+    "train_logprob_chunk": "log-prob chunk (logits, logsumexp, grad)",
     "train_reference_forward": "reference forward (no grad)",
     "dequant_buffer": "dequantized 4-bit weight (largest layer)",
-    "cuda_context": "CUDA context + allocator slack (constant)",
+    "cuda_context": "CUDA context (constant)",
+    "allocator_reserve": "allocator reserve beyond the peak (fraction of it)",
 }
 
 
@@ -394,7 +404,7 @@ def estimate_memory(recipe: Recipe, gpu_memory_gb: float | None = None, *, confi
     derived = recipe.derived()
     per_step = derived["completions_per_process"]
     Br = min(recipe.grpo.rollout_batch_size, per_step)
-    Bm = min(recipe.grpo.micro_batch_size, per_step)
+    Bm = min(recipe.grpo.micro_batch_size, recipe.grpo.group_size)  # a micro-batch holds one group's completions
     H, I, L, V, KV = d.hidden, d.intermediate, d.layers, d.vocab, d.kv_out
 
     comp: dict[str, float] = {}
@@ -409,12 +419,11 @@ def estimate_memory(recipe: Recipe, gpu_memory_gb: float | None = None, *, confi
     n_lora = lora_parameter_count(d, recipe.lora.r, recipe.lora.target_modules)
     comp["lora_state"] = n_lora * 16
 
-    # rollout phase
+    # rollout phase (rollout.py): a static KV cache for a decode batch, one prompt prefilled at a time
     kv_tok = 2 * L * KV * cb
-    kv_prompt, kv_full = Br * Tp * kv_tok, Br * T * kv_tok
-    comp["rollout_kv_cache"] = kv_full
-    comp["rollout_prefill_logits"] = Br * Tp * V * cb + Br * Tp * H * cb  # + the final hidden states
-    comp["rollout_prefill_activations"] = Br * Tp * (H + NOGRAD_H * H + NOGRAD_I * I) * cb
+    prompts_local = derived["completions_per_process"] // recipe.grpo.group_size
+    comp["rollout_kv_cache"] = Br * T * kv_tok
+    comp["rollout_prefill"] = Tp * (H + NOGRAD_H * H + NOGRAD_I * I) * cb + Tp * kv_tok  # batch 1, one layer + its KV
     seconds = recipe.data.max_audio_seconds
     patches = int(recipe.data.max_pixels // (d.v_patch**2))
     tower_per_sample = (
@@ -423,35 +432,45 @@ def estimate_memory(recipe: Recipe, gpu_memory_gb: float | None = None, *, confi
         + patches * (6 * d.v_dim + 3 * d.v_inter)  # one vision block
         + d.a_mel * 3000  # the Whisper features, always padded to 30 s
     ) * cb
-    comp["rollout_tower_activations"] = Br * tower_per_sample
+    comp["rollout_tower_activations"] = tower_per_sample  # towers run once per prompt, batch 1
+    comp["rollout_decode_logits"] = Br * V * 4 * DECODE_FP32_COPIES
+    comp["prompt_embeddings"] = prompts_local * Tp * H * cb  # kept for the whole step (rollout, reference, policy)
     dequant = I * H * cb if q.load_in_4bit else 0
     comp["dequant_buffer"] = dequant
-    rollout = max(kv_prompt + max(comp["rollout_prefill_logits"], comp["rollout_prefill_activations"], comp["rollout_tower_activations"]),
-                  kv_full + kv_full / L + Br * V * 4 * 3) + dequant
+    rollout = (comp["prompt_embeddings"] + comp["rollout_kv_cache"] + dequant
+               + max(comp["rollout_prefill"], comp["rollout_tower_activations"], comp["rollout_decode_logits"]))
 
-    # training phase
+    # training phase (loss.py): per micro-batch the prompt runs once (Tp tokens) and Bm completions of C
+    # tokens attend to its keys/values
+    Nc = Bm * C  # completion tokens of a micro-batch
+    Nt = Tp + Nc
     saved_h = SAVED_H + (DROPOUT_H if recipe.lora.dropout > 0 else 0)
     saved_i = SAVED_I + (DROPOUT_I if recipe.lora.dropout > 0 else 0)
-    layer_saved = Bm * T * (saved_h * H + SAVED_KV * KV + saved_i * I) * cb
-    layer_grads = Bm * T * (GRAD_H * H + GRAD_I * I) * cb
-    chunk = min(recipe.grpo.logprob_chunk_tokens, C)
-    comp["train_logprob_chunk"] = Bm * chunk * V * (LOGPROB_FP32_COPIES * 4 + cb)
-    comp["train_tower_activations"] = Bm * tower_per_sample
-    comp["train_reference_forward"] = (Bm * T * (H + NOGRAD_H * H + NOGRAD_I * I) * cb) if recipe.grpo.beta > 0 else 0.0
+    prefix_kv = Tp * kv_tok  # the prompt's keys/values of every layer, kept for the completions
+    attention_kv = 2 * Bm * T * d.q_out * cb  # one layer's prompt + completion keys/values, expanded to all heads
+    layer_saved = Nc * (saved_h * H + SAVED_KV * KV + saved_i * I) * cb + attention_kv
+    layer_grads = Nc * (GRAD_H * H + GRAD_I * I) * cb
+    chunk = min(recipe.grpo.logprob_chunk_tokens, Nc)
+    comp["train_logprob_chunk"] = chunk * V * (LOGPROB_FP32_COPIES * 4 + cb)
+    comp["train_reference_forward"] = (prefix_kv + Nc * (H + NOGRAD_H * H + NOGRAD_I * I) * cb + attention_kv) if recipe.grpo.beta > 0 else 0.0
+    comp["train_prefix_kv"] = prefix_kv
     if recipe.model.gradient_checkpointing:
-        comp["train_layer_inputs"] = (L + 1) * Bm * T * H * cb
+        comp["train_layer_inputs"] = (L + 1) * Nt * H * cb
         comp["train_layer_recompute"] = layer_saved + layer_grads
-        policy = comp["train_layer_inputs"] + max(comp["train_layer_recompute"], comp["train_logprob_chunk"], comp["train_tower_activations"])
+        policy = comp["train_layer_inputs"] + prefix_kv + max(comp["train_layer_recompute"], comp["train_logprob_chunk"])
     else:
-        comp["train_all_layers"] = L * layer_saved + Bm * T * H * cb
-        policy = comp["train_all_layers"] + max(layer_grads, comp["train_logprob_chunk"])
-    training = max(comp["train_reference_forward"], policy) + dequant
+        comp["train_all_layers"] = L * (layer_saved + Tp * (saved_h * H + SAVED_KV * KV + saved_i * I) * cb) + Nt * H * cb
+        policy = comp["train_all_layers"] + prefix_kv + max(layer_grads, comp["train_logprob_chunk"])
+    training = comp["prompt_embeddings"] + max(comp["train_reference_forward"], policy) + dequant
     comp["cuda_context"] = CUDA_CONTEXT_GIB * GIB
 
     weights = sum(comp[k] for k in ("llm_linears", "embed_lm_head", "norms_biases", "audio_tower", "vision_tower"))
     phases = {"weights": weights, "lora_state": comp["lora_state"], "rollout": rollout, "training": training,
               "overhead": comp["cuda_context"]}
-    total = weights + comp["lora_state"] + max(rollout, training) + comp["cuda_context"]
+    torch_peak = weights + comp["lora_state"] + max(rollout, training)
+    comp["allocator_reserve"] = ALLOCATOR_RESERVE_FRACTION * torch_peak
+    phases["overhead"] = comp["cuda_context"] + comp["allocator_reserve"]
+    total = torch_peak + phases["overhead"]
 
     comp_gb = {k: v / GIB for k, v in comp.items()}
     phases_gb = {k: v / GIB for k, v in phases.items()}
@@ -756,8 +775,8 @@ def plan_command(args, console=None) -> int:
     console.print(
         f"schedule: {derived['total_steps']} optimizer steps ({derived['steps_per_epoch']} per epoch x {recipe.schedule.epochs:g} epochs"
         f"{', capped by schedule.max_steps' if recipe.schedule.max_steps else ''}); {g.prompts_per_step} prompts x {g.group_size} "
-        f"completions = {derived['completions_per_step']} per step in {derived['micro_batches_per_step']} micro-batches of "
-        f"{min(g.micro_batch_size, derived['completions_per_step'])} and {derived['generate_calls_per_step']} generate call(s)",
+        f"completions = {derived['completions_per_step']} per step in {derived['micro_batches_per_step']} micro-batches of up to "
+        f"{min(g.micro_batch_size, g.group_size)} and {derived['decode_batches_per_step']} decode batch(es)",
         highlight=False,
     )
     console.print(f"  rows: {note}", highlight=False)

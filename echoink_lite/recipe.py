@@ -70,8 +70,8 @@ class DataSection(_Section):
 class GRPOSection(_Section):
     prompts_per_step: int = Field(8, ge=1, description="Prompts per optimizer step (the paper: 8). With the data size it fixes the number of steps.")
     group_size: int = Field(16, ge=2, description="Completions sampled per prompt (the paper: 16); higher = better advantage estimates, more rollout time and memory.")
-    micro_batch_size: int = Field(4, ge=1, description="Completions per forward/backward pass; higher = faster, more activation memory.")
-    rollout_batch_size: int = Field(16, ge=1, description="Completions per `generate` call; higher = faster rollouts, more KV-cache memory.")
+    micro_batch_size: int = Field(4, ge=1, description="Completions of one group per loss forward/backward (the group's prompt runs once per micro-batch); higher = fewer prompt passes, more activation memory.")
+    rollout_batch_size: int = Field(16, ge=1, description="Completions decoded together in one static KV cache; higher = faster rollouts, more KV-cache memory (rows x (prompt + completion tokens) x 56 KiB on the 7B).")
     beta: float = Field(0.001, ge=0.0, description="KL penalty weight (the paper: 0.001, k3 estimator). 0 skips the reference forward pass.")
     loss_type: Literal["sequence", "token"] = Field("sequence", description="'sequence' averages each completion's tokens then the batch (the paper); 'token' averages all tokens.")
     advantage_eps: float = Field(1e-4, gt=0, description="Advantage = (r - group mean) / (group std + eps).")
@@ -79,7 +79,7 @@ class GRPOSection(_Section):
         default_factory=lambda: {"accuracy": 1.0, "format": 1.0},
         description="Reward name (built-in or 'package.module:function') -> weight; the paper sums accuracy and format.",
     )
-    logprob_chunk_tokens: int = Field(256, ge=16, description="Completion positions turned into vocabulary logits at once; lower = less memory for the log-prob pass.")
+    logprob_chunk_tokens: int = Field(256, ge=16, description="Completion tokens turned into vocabulary logits at once in the loss pass; lower = less memory, more passes.")
     max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many steps in a row whose loss or gradients are not finite.")
 
 
@@ -89,6 +89,7 @@ class GenerationSection(_Section):
     temperature: float = Field(1.0, gt=0, description="Sampling temperature for rollouts (the paper: 1.0).")
     top_p: float = Field(0.95, gt=0, le=1.0, description="Nucleus sampling for rollouts (the paper: 0.95).")
     top_k: int = Field(50, ge=0, description="Top-k for rollouts (0 disables; the generation default is 50).")
+    cuda_graph: bool = Field(True, description="Capture the rollout's decode step as a CUDA graph (CUDA only; falls back to eager by itself). Off = slower decoding, for debugging.")
 
 
 class ScheduleSection(_Section):
@@ -132,6 +133,8 @@ NON_MATH_FIELDS = {
     "grpo.max_nonfinite_steps",
     "grpo.logprob_chunk_tokens",
     "grpo.rollout_batch_size",
+    "grpo.micro_batch_size",
+    "generation.cuda_graph",
     "model.attn_implementation",
     "model.gradient_checkpointing",
 }
@@ -154,12 +157,11 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _cross_field_checks(self) -> "Recipe":
         g = self.grpo
-        completions = g.prompts_per_step * g.group_size
-        if completions % g.micro_batch_size:
+        if g.micro_batch_size < g.group_size and g.group_size % g.micro_batch_size:
             raise ValueError(
-                f"grpo.micro_batch_size={g.micro_batch_size} does not divide the {completions} completions per step "
-                f"(prompts_per_step {g.prompts_per_step} x group_size {g.group_size}); "
-                f"set micro_batch_size to one of {_divisors(completions, 64)}"
+                f"grpo.micro_batch_size={g.micro_batch_size} does not divide group_size={g.group_size}: a micro-batch "
+                "holds completions of one group (the prompt runs once per micro-batch); set micro_batch_size to one of "
+                f"{_divisors(g.group_size, 64)} (or >= group_size for one micro-batch per group)"
             )
         if g.rollout_batch_size % g.group_size and g.group_size % g.rollout_batch_size:
             raise ValueError(
@@ -184,31 +186,31 @@ class Recipe(_Section):
         """Everything the user did not have to state, computed from what they did."""
         g = self.grpo
         completions = g.prompts_per_step * g.group_size
-        if completions % world_size:
+        if g.prompts_per_step % world_size:
             raise RecipeError(
-                f"{completions} completions per step cannot be split over {world_size} processes; "
-                f"choose prompts_per_step x group_size divisible by {world_size}"
+                f"grpo.prompts_per_step={g.prompts_per_step} cannot be split over {world_size} processes: each process "
+                f"takes whole prompts, so some would idle. Fix: make prompts_per_step a multiple of {world_size}, "
+                f"or run a number of processes that divides {g.prompts_per_step}"
             )
-        per_rank = completions // world_size
-        micro = min(g.micro_batch_size, per_rank)
-        if per_rank % micro:
-            raise RecipeError(
-                f"{per_rank} completions per process per step are not divisible by micro_batch_size={micro}; "
-                f"pick one of {_divisors(per_rank, 64)}"
-            )
+        prompts_per_rank = g.prompts_per_step // world_size
+        per_rank = prompts_per_rank * g.group_size
         out: dict[str, Any] = {
             "completions_per_step": completions,
             "completions_per_process": per_rank,
-            "micro_batches_per_step": per_rank // micro,
-            "generate_calls_per_step": math.ceil(per_rank / min(g.rollout_batch_size, per_rank)),
+            "micro_batches_per_step": prompts_per_rank * math.ceil(g.group_size / min(g.micro_batch_size, g.group_size)),
+            "decode_batches_per_step": math.ceil(per_rank / min(g.rollout_batch_size, per_rank)),
             "tokens_per_completion_max": self.generation.max_completion_tokens,
             "rollout_tokens_budget": completions * self.generation.max_completion_tokens,
             "world_size": world_size,
         }
         if n_train_rows is not None:
+            # Each epoch is its own permutation; its last step takes the prompts left over (4,490 / 8 -> 561 steps
+            # of 8 and one of 2, as the original), so a step never mixes two passes over the data.
+            spe = math.ceil(n_train_rows / g.prompts_per_step)
+            full, frac = divmod(self.schedule.epochs, 1.0)
+            total = int(full) * spe + math.ceil(round(frac * n_train_rows, 6) / g.prompts_per_step)
             out["train_rows"] = n_train_rows
-            out["steps_per_epoch"] = math.ceil(n_train_rows / g.prompts_per_step)
-            total = math.ceil(n_train_rows * self.schedule.epochs / g.prompts_per_step)
+            out["steps_per_epoch"] = spe
             out["total_steps"] = min(total, self.schedule.max_steps) if self.schedule.max_steps else total
         return out
 

@@ -39,3 +39,28 @@ def synth_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     assert synth_command(out, train=16, valid=8, seed=0) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def engine_setup(tiny_model_dir, synth_dir):
+    """(processor, tiny 4-bit thinker with non-zero LoRA, 3 encoded prompts of different lengths, their PromptInputs)."""
+    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.modeling import add_lora, load_processor, load_thinker
+    from echoink_lite.prompting import encode_example
+    from echoink_lite.recipe import LoraSection, QuantizationSection
+    from echoink_lite.thinker_forward import encode_prompts
+
+    proc = load_processor(str(tiny_model_dir))
+    model = load_thinker(str(tiny_model_dir), dtype="float32", quantization=QuantizationSection(), device="cpu")
+    model = add_lora(model, LoraSection(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False, seed=0)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_" in name:  # adapters that change the outputs, so the test covers the LoRA path too
+            torch.nn.init.normal_(param, std=0.1)
+    rows = scan_split(synth_dir / "train").rows[:3]
+    # different prompt lengths: the same media with questions of different lengths
+    questions = ["Which one? Options:\nA. a\nB. b\n", "x " * 40 + "Options:\nA. a\nB. b\n", rows[2].prompt_text]
+    encoded = [encode_example(proc, load_example(r, 1.0), question_text=q) for r, q in zip(rows, questions)]
+    assert len({e.length for e in encoded}) == 3
+    prompts = encode_prompts(model, encoded, "cpu", torch.float32)
+    return proc, model, encoded, prompts

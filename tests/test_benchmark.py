@@ -120,12 +120,13 @@ def test_tokenizer_uses_the_real_special_token_ids():
     assert ids[0] == 151644 and ids[-1] == 151645 and max(ids[1:-1]) < 151643
 
 
-def test_prompts_per_step_auto_fills_one_rollout_and_one_micro_batch():
+def test_prompts_per_step_auto_fills_one_decode_batch_and_one_micro_batch():
     from echoink_lite.recipe import load_recipe
 
     bench = _bench()
-    assert bench.auto_prompts_per_step(load_recipe(ROOT / "recipes" / "paper_24gb.yaml")) == 1  # rollout 16 = group 16
-    assert bench.auto_prompts_per_step(load_recipe(ROOT / "recipes" / "paper_48gb.yaml")) == 2  # rollout 32 = 2 groups
+    for name in ("paper_24gb.yaml", "paper_48gb.yaml"):  # decode batch 128 = the step's 8 groups of 16
+        assert bench.auto_prompts_per_step(load_recipe(ROOT / "recipes" / name)) == 8
+    assert bench.auto_prompts_per_step(load_recipe(ROOT / "recipes" / "paper_24gb.yaml", ["grpo.rollout_batch_size=32"])) == 2
 
 
 def test_trl_config_matches_the_installed_trl():

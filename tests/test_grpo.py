@@ -1,5 +1,6 @@
 """GRPO on the tiny model: what changes, what the loss sees, rewards, resume, and failure handling."""
 
+import dataclasses
 import json
 import shutil
 
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from echoink_lite import checkpoints as ckpt
-from echoink_lite.grpo import TrainingError, completion_logps, group_advantages, grpo_loss, train
+from echoink_lite.grpo import TrainingError, train
+from echoink_lite.loss import completion_logps, group_advantages, grpo_loss
 from echoink_lite.recipe import recipe_from_dict
 from echoink_lite.rewards import accuracy_reward, compute_rewards, format_reward, resolve_rewards
 
@@ -102,24 +104,24 @@ def test_only_lora_changes_and_every_lora_parameter_does(tiny_model_dir, synth_d
 def test_audio_reaches_the_loss_forward(tiny_model_dir, synth_dir, tmp_path):
     from echoink_lite.data import load_example, scan_split
     from echoink_lite.modeling import add_lora, load_processor, load_thinker_from_recipe
-    from echoink_lite.prompting import collate, encode_example
+    from echoink_lite.prompting import encode_example
+    from echoink_lite.thinker_forward import encode_prompts
 
     recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run")
     model = add_lora(load_thinker_from_recipe(recipe, device="cpu"), recipe.lora, seed=0)
     proc = load_processor(str(tiny_model_dir))
     rows = scan_split(synth_dir / "train").rows
-    ex = load_example(rows[0], 1.0)
-    enc = encode_example(proc, ex)
+    enc = encode_example(proc, load_example(rows[0], 1.0))
     comp = torch.tensor([proc.tokenizer("<think>red low</think>").input_ids])
-    batch = collate([enc], 1, proc.tokenizer.pad_token_id, completions=list(comp))
-    width = batch["input_ids"].shape[1] - comp.shape[1]
+    mask = torch.ones_like(comp)
+    louder = dataclasses.replace(enc, input_features=enc.input_features + 1.0)
     with torch.no_grad():
-        a = completion_logps(model, batch, width, comp, 1.0, 2)
-        changed = dict(batch, input_features=batch["input_features"] + 1.0)
-        b = completion_logps(model, changed, width, comp, 1.0, 2)
-        same = completion_logps(model, batch, width, comp, 1.0, 2)
+        prompt, changed = encode_prompts(model, [enc, louder], "cpu", torch.float32)
+        a = completion_logps(model, prompt, comp, mask, 1.0, 2)
+        b = completion_logps(model, changed, comp, mask, 1.0, 2)
+        same = completion_logps(model, prompt, comp, mask, 1.0, 2)
         # chunking changes nothing
-        c = completion_logps(model, batch, width, comp, 1.0, 1000)
+        c = completion_logps(model, prompt, comp, mask, 1.0, 1000)
     assert torch.equal(a, same)
     assert torch.allclose(a, c, atol=1e-6)
     assert (a - b).abs().max() > 1e-5, "changing only the audio features did not change the policy log-probs"
@@ -205,27 +207,70 @@ def test_preflight_refuses_a_prompt_over_the_cap_before_step_one(tiny_model_dir,
 
 
 def test_out_of_memory_names_step_rows_and_knobs_and_keeps_finished_steps(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
-    import echoink_lite.grpo as grpo
+    from echoink_lite.rollout import RolloutEngine
 
-    real_rollout = grpo.rollout
+    real_generate = RolloutEngine.generate
     calls = {"n": 0}
 
-    def rollout_that_runs_out_of_memory(*args, **kwargs):
+    def generate_that_runs_out_of_memory(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_rollout(*args, **kwargs)
+        return real_generate(self, *args, **kwargs)
 
-    monkeypatch.setattr(grpo, "rollout", rollout_that_runs_out_of_memory)
+    monkeypatch.setattr(RolloutEngine, "generate", generate_that_runs_out_of_memory)
     out = tmp_path / "run"
     recipe = tiny_recipe(tiny_model_dir, synth_dir, out, checkpoint__save_every_steps=10)
     with pytest.raises(TrainingError) as err:
         train(recipe)
     msg = str(err.value)
     assert "out of memory at step 2" in msg and "rows " in msg
-    for knob in ("grpo.micro_batch_size", "grpo.group_size", "generation.max_completion_tokens"):
+    for knob in ("grpo.micro_batch_size", "grpo.rollout_batch_size", "grpo.group_size", "generation.max_completion_tokens"):
         assert knob in msg
     # step 1 finished before the OOM: it is saved although save_every_steps is 10, and resumes
     assert ckpt.latest_checkpoint(out).name == "step-000001"
-    monkeypatch.setattr(grpo, "rollout", real_rollout)
+    monkeypatch.setattr(RolloutEngine, "generate", real_generate)
     assert train(recipe, resume="auto").steps_done == 4
+
+
+def test_the_last_step_of_an_epoch_takes_the_prompts_left_over():
+    from echoink_lite.grpo import data_schedule
+    from echoink_lite.recipe import load_recipe
+
+    assert load_recipe(None).derived(4490)["total_steps"] == 562  # the paper: 561 steps of 8, one of 2
+    steps = data_schedule(4490, 8, 562, seed=42)
+    assert [len(s) for s in steps] == [8] * 561 + [2]
+    assert sorted(i for s in steps for i in s) == list(range(4490))  # one pass, each prompt once
+    two = load_recipe(None, ["schedule.epochs=2"]).derived(4490)["total_steps"]
+    assert two == 1124
+    steps = data_schedule(4490, 8, two, seed=42)
+    assert len(steps[561]) == 2 and len(steps[1123]) == 2 and steps[562] != steps[0]
+
+
+def test_a_row_that_fails_to_encode_is_skipped_counted_and_replaced(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
+    import echoink_lite.grpo as grpo
+    from echoink_lite.rollout import RolloutEngine
+
+    recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run", schedule__max_steps=2)
+    rows = grpo.scan_split(recipe.data.train).rows
+    steps = grpo.data_schedule(len(rows), recipe.grpo.prompts_per_step, 2, recipe.schedule.seed)
+    broken = rows[steps[1][0]].problem_id  # the first prompt of step 2
+    real_encode, real_generate = grpo.encode_example, RolloutEngine.generate
+    prompts_per_call = []
+
+    def encode(processor, ex, *a, **kw):
+        if ex.row.problem_id == broken:
+            raise ValueError("absolute aspect ratio must be smaller than 200, got 300.0")
+        return real_encode(processor, ex, *a, **kw)
+
+    def generate(self, prompts, group_size, *a, **kw):
+        prompts_per_call.append(len(prompts))
+        return real_generate(self, prompts, group_size, *a, **kw)
+
+    monkeypatch.setattr(grpo, "encode_example", encode)
+    monkeypatch.setattr(RolloutEngine, "generate", generate)
+    res = train(recipe)
+    assert res.steps_done == 2 and res.skipped_rows == 1
+    assert prompts_per_call == [2, 2]  # the step kept its number of prompts
+    rows_logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_rows"] for r in rows_logged] == [0, 1]

@@ -38,14 +38,15 @@ def test_derived_numbers():
     r = recipe_from_dict({"grpo": {"prompts_per_step": 8, "group_size": 4, "micro_batch_size": 8, "rollout_batch_size": 8}})
     d = r.derived(n_train_rows=100, world_size=2)
     assert d["completions_per_step"] == 32 and d["completions_per_process"] == 16
-    assert d["micro_batches_per_step"] == 2 and d["generate_calls_per_step"] == 2
+    # a micro-batch holds completions of one group: 4 prompts per process -> 4 micro-batches of 4
+    assert d["micro_batches_per_step"] == 4 and d["decode_batches_per_step"] == 2
     assert d["total_steps"] == 13 and d["steps_per_epoch"] == 13
 
 
 @pytest.mark.parametrize(
     "data, message",
     [
-        ({"grpo": {"prompts_per_step": 8, "group_size": 16, "micro_batch_size": 5}}, "micro_batch_size=5 does not divide"),
+        ({"grpo": {"prompts_per_step": 8, "group_size": 16, "micro_batch_size": 5}}, "micro_batch_size=5 does not divide group_size=16"),
         ({"grpo": {"group_size": 16, "rollout_batch_size": 12}}, "rollout_batch_size=12 must be a multiple or a divisor"),
         ({"grpo": {"group_size": 1}}, "group_size"),
         ({"grpo": {"rewards": {}}}, "grpo.rewards is empty"),

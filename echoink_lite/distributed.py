@@ -1,0 +1,54 @@
+"""One process, or several under torchrun / `accelerate launch`: data parallel over each step's prompts.
+
+Both launchers set RANK, WORLD_SIZE and LOCAL_RANK; the kit reads those and starts the process group
+itself (NCCL on CUDA, gloo on CPU). Every cross-process reduction goes through `Dist.sum_`, which moves the
+tensor to the group's device first: NCCL reduces CUDA tensors only, and the metrics, normaliser and
+due-time flags are built on the CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")  # this process's compute device, also the reduction device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over processes; returns a tensor on `t`'s device (reduced on the process group's device)."""
+        if self.world == 1:
+            return t
+        on_group = t.to(self.device)
+        dist.all_reduce(on_group, op=dist.ReduceOp.SUM)
+        return on_group.to(t.device)
+
+
+def setup_dist() -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(device=torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    rank = int(os.environ["RANK"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device, backend = torch.device("cuda", local), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return Dist(rank=rank, world=world, device=device)
