@@ -15,7 +15,8 @@ not crash a multi-hour GRPO run at step 400, and must not be silently dropped ei
 5. ``check_command`` is ``echoink-lite data check PATH [--report FILE]``: the same checks plus a
    full decode of every row, a summary table and a JSON Lines report.
 
-The prompt text is the original's, byte for byte (see ``PROMPT_INSTRUCTION``).
+The prompt text and the answer tags are the answer protocol's (``answer_protocol``); ``Row.prompt_text``
+builds the text the model is asked.
 """
 
 from __future__ import annotations
@@ -33,35 +34,7 @@ import soundfile as sf
 import soxr
 from PIL import Image
 
-# --------------------------------------------------------------------------------------------
-# Prompt (verbatim from EchoInk-R1; note the missing period after "thought expressions").
-# --------------------------------------------------------------------------------------------
-
-PROMPT_INSTRUCTION = (
-    "Please think about this question as if you were a human pondering deeply. "
-    "Make sure to carefully consider both the visual and audio information before answering. "
-    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', "
-    "'oh, I see', 'let's break it down', etc, or other natural language thought expressions "
-    "It's encouraged to include self-reflection or verification in the reasoning process. "
-    "Provide your detailed reasoning between the <think> </think> tags, and then give your "
-    "final answer between the <answer> </answer> tags. Please provide only the single option "
-    "letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
-)
-
-
-def build_prompt_text(problem: str, options: Iterable[str]) -> str:
-    """The user-turn text: question, the options one per line, then the instruction."""
-    return f"{problem} Options:\n" + "\n".join(options) + "\n" + PROMPT_INSTRUCTION
-
-
-_ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
-
-
-def extract_answer(text: str) -> str | None:
-    """Text inside the first ``<answer>...</answer>`` (stripped), or None. Same regex as the paper's reward."""
-    match = _ANSWER_RE.search(text)
-    return match.group(1) if match else None
-
+from .answer_protocol import build_prompt_text, extract_answer, option_letters
 
 # --------------------------------------------------------------------------------------------
 # Reject reasons: stable strings, they appear in reports that users grep.
@@ -130,7 +103,7 @@ class Row:
 
     @property
     def letters(self) -> tuple[str, ...]:
-        return tuple(option[0] for option in self.options)
+        return option_letters(self.options)
 
 
 @dataclass
@@ -385,7 +358,7 @@ def scan_split(path: str | Path, open_media: bool = True) -> SplitScan:
         if options is None:
             reject(BAD_OPTIONS, detail)
             continue
-        letters = tuple(option[0] for option in options)
+        letters = option_letters(options)
         answer = _answer_letter(item["solution"])
         if answer not in letters:
             reject(

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .data import Example, build_prompt_text
+from .data import Example
 
 
 class PromptTooLongError(ValueError):

@@ -14,6 +14,7 @@ from PIL import Image
 from rich.console import Console
 
 from echoink_lite import data
+from echoink_lite.answer_protocol import build_prompt_text
 from echoink_lite.data import (
     BAD_AUDIO,
     BAD_IMAGE,
@@ -29,11 +30,9 @@ from echoink_lite.data import (
     DataError,
     MediaError,
     Reject,
-    build_prompt_text,
     check_command,
     derange,
     enforce_bad_fraction,
-    extract_answer,
     load_audio,
     load_example,
     load_image,
@@ -103,28 +102,8 @@ def only_reject(scan: data.SplitScan) -> Reject:
 
 
 # ------------------------------------------------------------------------------------------
-# prompt and answer extraction
+# rows carry the protocol's prompt text (the text itself is pinned in test_answer_protocol.py)
 # ------------------------------------------------------------------------------------------
-
-
-def test_prompt_text_is_pinned_byte_for_byte():
-    # Written out independently of the module constant: any drift from the original fails here.
-    expected = (
-        "What is the man in the picture doing? Options:\n"
-        "A. Playing the violin\n"
-        "B. Singing\n"
-        "C. Playing the piano\n"
-        "D. Drumming\n"
-        "Please think about this question as if you were a human pondering deeply. Make sure to "
-        "carefully consider both the visual and audio information before answering. Engage in an "
-        "internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', "
-        "'let's break it down', etc, or other natural language thought expressions It's encouraged "
-        "to include self-reflection or verification in the reasoning process. Provide your detailed "
-        "reasoning between the <think> </think> tags, and then give your final answer between the "
-        "<answer> </answer> tags. Please provide only the single option letter (e.g., A, B, C, D, "
-        "etc.) within the <answer> </answer> tags."
-    )
-    assert build_prompt_text("What is the man in the picture doing?", OPTIONS) == expected
 
 
 def test_row_prompt_text_and_letters(tmp_path):
@@ -137,24 +116,6 @@ def test_row_prompt_text_and_letters(tmp_path):
     assert row.problem_id == 0 and row.index == 0
     assert row.data_source == "OmniInstruct_v1-AVQA"
     assert row.image_path.is_absolute() and row.audio_path.is_absolute()
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("<answer>C</answer>", "C"),
-        ("<answer>  B \n</answer>", "B"),
-        ("<think>hmm</think>\n<answer>\nA\n</answer>", "A"),
-        ("<answer>A</answer> then <answer>B</answer>", "A"),
-        ("<answer></answer>", ""),
-        ("<answer>two\nlines</answer>", "two\nlines"),
-        ("the answer is C", None),
-        ("<answer>C", None),
-        ("", None),
-    ],
-)
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
 
 
 # ------------------------------------------------------------------------------------------

@@ -22,9 +22,7 @@ from echoink_lite.evaluate import (
     add_eval_arguments,
     eval_command,
     evaluate_rows,
-    format_ok,
     load_eval_model,
-    parse_answer,
     run_eval,
 )
 
@@ -42,47 +40,6 @@ def gold_letters(split_dir: Path) -> list[str]:
 
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# ---------------------------------------------------------------------------------------------
-# parse_answer / format_ok
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "completion, strict, lenient",
-    [
-        ("<think>red low</think><answer>A</answer>", "A", "A"),
-        ("<think>x</think><answer>  C \n</answer>", "C", "C"),
-        ("<think>x</think><answer>\nB\n</answer>", "B", "B"),
-        ("<think>x</think><answer>b</answer>", None, "B"),  # lowercase: strict rejects, fallback finds "b"
-        ("<think>x</think><answer>(B)</answer>", None, "B"),
-        ("<think>x</think><answer>B.</answer>", None, "B"),
-        ("The answer is B", None, "B"),
-        ("I see a cat", None, "A"),  # the documented trap: the word "a" counts as A when lenient
-        ("<think>x</think><answer>E</answer>", None, None),  # not among the options
-        ("The answer is E", None, None),
-        ("no letter here", None, None),
-        ("<answer>D</answer><answer>A</answer>", "D", "D"),  # the first tag counts, as in the reward
-    ],
-)
-def test_parse_answer_strict_and_lenient(completion, strict, lenient):
-    assert parse_answer(completion, LETTERS, lenient=False) == strict
-    assert parse_answer(completion, LETTERS, lenient=True) == lenient
-
-
-def test_parse_answer_lenient_is_limited_to_the_rows_letters():
-    assert parse_answer("The answer is C", ("A", "B"), lenient=True) is None
-    assert parse_answer("maybe c, or b", ("A", "B", "C"), lenient=True) == "C"
-
-
-def test_format_ok_is_the_papers_pattern():
-    assert format_ok("<think>x</think><answer>A</answer>")
-    assert format_ok("  <think>x</think>\n<answer>A</answer>\n")
-    assert not format_ok("<think>x</think><answer>A</answer> trailing")
-    assert not format_ok("<think>x</think><think>y</think><answer>A</answer>")
-    assert not format_ok("<answer>A</answer>")
-    assert evaluate.FORMAT_PATTERN.startswith("^(?!.*<think>.*<think>)")
 
 
 # ---------------------------------------------------------------------------------------------
