@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from .answer_protocol import format_ok, parse_answer
-from .data import DataError, MediaError, Row, enforce_bad_fraction, load_example, scan_split
+from .data import DataError, Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .modeling import (
     ModelLoadError,
     default_device,
@@ -52,9 +52,8 @@ from .modeling import (
     multimodal_token_ids,
     torch_dtype,
 )
-from .prompting import PromptTooLongError, collate, completion_mask, decode_completions, encode_example, generation_kwargs, to_device
+from .prompting import collate, completion_mask, decode_completions, encode_row, generation_kwargs, to_device
 
-PROMPT_TOO_LONG = "prompt_too_long"  # bad-row reason next to data.REASONS
 PAPER_TEMPERATURE, PAPER_TOP_P = 1.0, 0.95
 
 
@@ -301,7 +300,8 @@ def evaluate_rows(
     """Generate, parse and score `rows` (K = cfg.samples completions each) into `predictions_path`.
 
     `bad_rows` / `bad_row_details` carry rows the data scan already rejected, so one result reports
-    every bad row. Rows whose media fail to decode or whose prompt is too long are added here.
+    every bad row. Rows that fail to load or encode (`prompting.encode_row`: bad media, prompt too long,
+    a processor error) are skipped with a one-line warning and added here.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -358,15 +358,15 @@ def evaluate_rows(
                 encoded, items = [], []  # items: (row, sample) per batch sequence
                 for row, missing in batch_rows:
                     try:
-                        example = load_example(row, max_audio_seconds=cfg.max_audio_seconds, max_pixels=cfg.max_pixels)
-                        enc = encode_example(processor, example, max_prompt_tokens=cfg.max_prompt_tokens)
-                    except MediaError as err:
+                        enc = encode_row(
+                            processor, row, max_audio_seconds=cfg.max_audio_seconds, max_pixels=cfg.max_pixels,
+                            max_prompt_tokens=cfg.max_prompt_tokens,
+                        )
+                    except RowEncodeError as err:  # one bad row never ends an evaluation: skip, warn, count
                         bad[err.reason] += 1
                         details.append(f"{err.reason}: {err.detail}")
-                        continue
-                    except PromptTooLongError as err:
-                        bad[PROMPT_TOO_LONG] += 1
-                        details.append(f"{PROMPT_TOO_LONG}: {err}")
+                        console.print(f"[yellow]{escape(label)}: skipped row[/] {escape(err.reason)}: {escape(err.detail)}",
+                                      highlight=False, soft_wrap=True)
                         continue
                     for k in missing:
                         encoded.append(enc)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .answer_protocol import build_prompt_text, extract_answer, extract_think, option_letters, parse_answer
-from .data import DataError, load_audio, load_image
+from .data import DataError, audio_limit_problem, image_limit_problem, load_audio, load_image
 from .evaluate import PAPER_TEMPERATURE, PAPER_TOP_P, EvalError, load_model
 from .modeling import ModelLoadError, default_device, multimodal_token_ids
 from .prompting import collate, completion_mask, decode_completions, encode_text_prompt, generation_kwargs, to_device
@@ -48,10 +48,16 @@ def _load_media(audio_path, image_path, max_audio_seconds: float, max_pixels: in
         raise DataError(f"audio file {audio_path} cannot be decoded ({err}); pass a WAV/FLAC/OGG file") from err
     if audio.size == 0:
         raise DataError(f"audio file {audio_path} holds no samples")
+    problem = audio_limit_problem(audio.size)
+    if problem:
+        raise DataError(f"audio file {audio_path} {problem}; pass a longer clip")
     try:
         image = load_image(image_path, max_pixels=max_pixels)
     except Exception as err:
         raise DataError(f"image file {image_path} cannot be decoded ({err}); pass a JPEG/PNG file") from err
+    problem = image_limit_problem(*image.size)
+    if problem:
+        raise DataError(f"image file {image_path} {problem}; crop or pad the image")
     return audio, image
 
 

@@ -139,7 +139,7 @@ def test_bare_letter_solution_and_string_ids_are_accepted(tmp_path):
 
 
 def test_reason_constants():
-    assert len(set(REASONS)) == len(REASONS) == 10
+    assert len(set(REASONS)) == len(REASONS) == 12
     assert (BAD_AUDIO, EMPTY_AUDIO, BAD_IMAGE, PATH_ESCAPE) == (
         "unreadable_audio",
         "empty_audio",
@@ -517,6 +517,23 @@ def test_check_command_unparseable_file(tmp_path):
     console = quiet_console()
     assert check_command(tmp_path, None, console=console) == 1
     assert "not valid JSON" in console.file.getvalue()
+
+
+def test_check_command_rejects_rows_the_model_cannot_take(tmp_path):
+    # Both rows decode, so they passed `data check` before; then crashed the processor (aspect ratio over 200
+    # after the pixel caps) or the model (too short for one audio token) at the training step that met them.
+    split = good_split(tmp_path / "train", n=4)
+    write_png(split / "images/sample_1.png", size=(600, 2))
+    sf.write(split / "audios/sample_2.wav", np.zeros(160, dtype=np.float32), 16000, subtype="PCM_16")
+    write_png(split / "images/sample_3.png", size=(400, 2))  # thin, but within the limit after the caps
+    console = quiet_console()
+    report = tmp_path / "bad.jsonl"
+    assert check_command(split, report, console=console) == 1
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [(r["index"], r["reason"]) for r in lines] == [(1, "image_aspect_ratio"), (2, "audio_too_short")]
+    assert "sample_1.png" in lines[0]["detail"] and "sample_2.wav" in lines[1]["detail"]
+    output = console.file.getvalue()
+    assert "image_aspect_ratio" in output and "audio_too_short" in output
 
 
 def test_write_reject_report_round_trip(tmp_path):

@@ -214,6 +214,51 @@ def test_bad_rows_are_counted_per_reason(loaded, synth_dir, tmp_path, monkeypatc
     assert result.bad_rows == {"prompt_too_long": 2} and result.n_rows == 0 and result.accuracy is None
 
 
+def test_eval_never_dies_on_one_row(loaded, synth_dir, tmp_path, monkeypatch):
+    # Rows that decode but that the processor (600x2 image: aspect ratio over 200) or the model (160 samples:
+    # no audio token) cannot take, and a row the processor fails on for any other reason, are each skipped with
+    # a one-line warning naming the row, counted by reason, and the rest is evaluated (real generate).
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    from echoink_lite import prompting
+
+    model, processor = loaded
+    split = tmp_path / "valid"
+    shutil.copytree(synth_dir / "valid", split)
+    Image.new("RGB", (600, 2), (200, 10, 10)).save(split / "images" / "sample_0.png")
+    sf.write(split / "audios" / "sample_1.wav", np.zeros(160, dtype=np.float32), 16000, subtype="PCM_16")
+    real_encode = prompting.encode_example
+
+    def encode_failing_on_row_2(processor, example, *args, **kwargs):
+        if example.row.problem_id == 2:
+            raise IndexError("index 7 is out of bounds")
+        return real_encode(processor, example, *args, **kwargs)
+
+    monkeypatch.setattr(prompting, "encode_example", encode_failing_on_row_2)
+    rows = scan_split(split, open_media=False).rows[:5]  # the scan's media checks off: all 5 reach the encoder
+    console = quiet()
+    cfg = EvalConfig(data=str(split), batch_size=5, max_new_tokens=4)
+    result = evaluate_rows(model, processor, rows, cfg, tmp_path / "p.jsonl", "base", console)
+    assert result.bad_rows == {"image_aspect_ratio": 1, "audio_too_short": 1, "encode_failed": 1}
+    assert result.n_rows == 2 and result.n_samples == 2 and result.to_dict()["n_bad_rows"] == 3
+    assert sorted(line["problem_id"] for line in read_lines(tmp_path / "p.jsonl")) == [3, 4]
+    warnings = [line for line in console.file.getvalue().splitlines() if "skipped row" in line]
+    assert len(warnings) == 3
+    assert "sample_0.png" in warnings[0] and "aspect ratio" in warnings[0]
+    assert "sample_1.wav" in warnings[1] and "too short" in warnings[1]
+    assert "problem_id 2" in warnings[2] and "IndexError" in warnings[2]
+
+    # Through `eval` itself the scan already rejects the first two; the summary JSON counts every skipped row.
+    monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
+    summary = run_eval(EvalConfig(data=str(split), out=str(tmp_path / "s.jsonl"), limit=5, max_new_tokens=4), console=quiet())
+    saved = json.loads(evaluate.summary_path(tmp_path / "s.jsonl").read_text())
+    for counted in (summary, saved):
+        assert counted["results"][0]["bad_rows"] == {"image_aspect_ratio": 1, "audio_too_short": 1, "encode_failed": 1}
+        assert counted["results"][0]["n_rows"] == 4  # --limit 5 takes usable rows 2-6; row 2 fails to encode
+
+
 def test_config_errors_are_clear(tmp_path):
     with pytest.raises(EvalError, match="not both"):
         EvalConfig(adapter="a", merged="m")
