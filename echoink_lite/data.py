@@ -15,7 +15,8 @@ not crash a multi-hour GRPO run at step 400, and must not be silently dropped ei
    a ``RowEncodeError``, so callers can skip and count them. ``prompting.encode_row`` adds the prompt
    encoding and is what training and evaluation call.
 5. ``check_command`` is ``echoink-lite data check PATH [--report FILE]``: the same checks plus a
-   full decode of every row, a summary table and a JSON Lines report.
+   full decode of every row, a summary table and a JSON Lines report. Exit 0: every row usable;
+   1: bad rows; 2: the check could not run (unreadable path, unwritable report).
 
 The prompt text and the answer tags are the answer protocol's (``answer_protocol``); ``Row.prompt_text``
 builds the text the model is asked.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field, replace
@@ -77,6 +79,10 @@ ENCODE_FAILED = "encode_failed"
 
 class DataError(ValueError):
     """A split cannot be used as given; the message says what to fix."""
+
+
+class SplitReadError(DataError):
+    """The split's path does not exist or cannot be read (an I/O problem, not bad rows)."""
 
 
 class RowEncodeError(DataError):
@@ -169,16 +175,19 @@ def resolve_split(path: str | Path) -> tuple[Path, Path]:
     """Return (split_dir, list_file) for a split folder, a JSON list file, or a JSON Lines file."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(
+        raise SplitReadError(
             f"{path} does not exist; pass a split folder (with audios/, images/ and a JSON list) or its JSON file"
         )
     if path.is_file():
         return path.parent.resolve(), path.resolve()
 
     # A folder: prefer the published name, else accept exactly one list file.
-    candidates = sorted(path.glob("omni_rl_format_*.json"))
-    if not candidates:
-        candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl"))
+    try:
+        candidates = sorted(path.glob("omni_rl_format_*.json"))
+        if not candidates:
+            candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl"))
+    except OSError as err:
+        raise SplitReadError(f"cannot list {path} ({err.strerror or err}); check the path and its permissions") from err
     if len(candidates) == 1:
         return path.resolve(), candidates[0].resolve()
     if len(candidates) > 1:
@@ -201,6 +210,8 @@ def _read_items(source: Path) -> list[tuple[Any, str | None]]:
         text = source.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{source} is not UTF-8 text ({err}); re-save it as UTF-8 JSON") from err
+    except OSError as err:
+        raise SplitReadError(f"cannot read {source} ({err.strerror or err}); check the path and its permissions") from err
 
     if source.suffix == ".jsonl":
         # One object per line; a bad line is one bad row, not a reason to drop the whole file.
@@ -672,11 +683,35 @@ def write_reject_report(rejects: Iterable[Reject], path: str | Path) -> Path:
     return path
 
 
-def check_command(path: str | Path, report: str | Path | None = None, console=None) -> int:
-    """Check a split end to end (rows and full media decode). 0 if every row is usable, else 1.
+# Exit codes of `data check` (also in its --help).
+CHECK_OK, CHECK_BAD_ROWS, CHECK_IO_ERROR = 0, 1, 2
 
-    A list file that cannot be parsed at all is reported and also returns 1 (no report is
-    written then: there are no rows to list).
+
+def _report_write_problem(report: Path) -> str | None:
+    """Why the report file cannot be written, or None. Checked before the (long) decode of every row,
+    without creating anything yet."""
+    fix = "pass a --report path in a writable folder"
+    if report.is_dir():
+        return f"cannot write the report {report}: it is a folder; pass a file path, e.g. {report / 'bad.jsonl'}"
+    if report.exists():
+        return None if os.access(report, os.W_OK) else f"cannot write the report {report} (permission denied); {fix}"
+    ancestor = report.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot write the report {report}: {ancestor} is a file, not a folder; {fix}"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot write the report {report}: {ancestor} is not writable; {fix}"
+    return None
+
+
+def check_command(path: str | Path, report: str | Path | None = None, console=None) -> int:
+    """Check a split end to end: every row, then a full decode of its media with the limits of the
+    processor and model. Returns 0 if every row is usable, 1 if some rows (or the whole list file) are
+    unusable, 2 if the check itself could not run: the path does not exist or cannot be read, or the
+    report cannot be written. Errors are one line naming the path.
+
+    A list file that cannot be parsed at all returns 1 (no report is written then: there are no rows to list).
     """
     from rich.console import Console
     from rich.markup import escape
@@ -684,11 +719,23 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
     from rich.table import Table
 
     console = console or Console()
+
+    def error(message: str) -> None:
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    report = Path(report).expanduser() if report is not None else None
+    problem = _report_write_problem(report) if report is not None else None
+    if problem:
+        error(problem)
+        return CHECK_IO_ERROR
     try:
         scan = scan_split(path, open_media=True)
+    except SplitReadError as err:
+        error(str(err))
+        return CHECK_IO_ERROR
     except DataError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        return 1
+        error(str(err))
+        return CHECK_BAD_ROWS
 
     # Headers can look fine while the data is truncated: decode everything once, with the limits.
     usable: list[Row] = []
@@ -716,7 +763,11 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
     console.print(table)
 
     if report is not None:
-        written = write_reject_report(scan.rejects, report)
+        try:
+            written = write_reject_report(scan.rejects, report)
+        except OSError as err:
+            error(f"cannot write the report {report} ({err.strerror or err}); pass a --report path in a writable folder")
+            return CHECK_IO_ERROR
         console.print(f"reject report: {written} ({len(scan.rejects)} lines)")
 
     shown = 5
@@ -729,4 +780,4 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
         console.print(f"... and {len(scan.rejects) - shown} more{more}")
     if not scan.rejects:
         console.print("[green]all rows usable[/]")
-    return 0 if not scan.rejects else 1
+    return CHECK_OK if not scan.rejects else CHECK_BAD_ROWS

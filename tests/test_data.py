@@ -536,6 +536,40 @@ def test_check_command_rejects_rows_the_model_cannot_take(tmp_path):
     assert "image_aspect_ratio" in output and "audio_too_short" in output
 
 
+def test_check_command_io_errors_exit_2_in_one_line(tmp_path):
+    split = good_split(tmp_path / "train", n=2)
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("x")
+    for report, expected in (
+        (not_a_folder / "bad.jsonl", "notes.txt is a file, not a folder"),
+        (tmp_path, "it is a folder"),
+    ):
+        console = quiet_console()
+        assert check_command(split, report, console=console) == 2
+        output = console.file.getvalue()
+        assert output.count("\n") == 1 and "error:" in output and str(report) in output and expected in output
+        assert "decoding" not in output and "usable" not in output  # refused before the long decode
+
+    console = quiet_console()
+    assert check_command(tmp_path / "missing", None, console=console) == 2
+    assert "does not exist" in console.file.getvalue() and console.file.getvalue().count("\n") == 1
+
+    # Bad rows still exit 1, also when they come with a report in a folder that does not exist yet.
+    (split / "audios/sample_1.wav").unlink()
+    assert check_command(split, tmp_path / "new" / "dir" / "bad.jsonl", console=quiet_console()) == 1
+    assert (tmp_path / "new" / "dir" / "bad.jsonl").read_text().count("\n") == 1
+
+
+def test_check_command_help_documents_the_exit_codes(capsys):
+    from echoink_lite.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["data", "check", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit codes: 0 every row usable; 1 rejected rows found" in text
+    assert "2 the check could not run" in text and "--report cannot be written" in text
+
+
 def test_write_reject_report_round_trip(tmp_path):
     rejects = [Reject(0, "a", MISSING_FIELD, "field 'problem' is missing"), Reject(2, None, BAD_JSON, "line 3")]
     path = write_reject_report(rejects, tmp_path / "r.jsonl")
