@@ -22,7 +22,8 @@ What runs (nothing is downloaded):
    times are scaled back up to the recipe's prompts per step for the projection), no validation, and the
    paths of the synthetic model, data and run folder.
 4. With --baselines: the same workload through stock TRL `GRPOTrainer` (images only: stock TRL cannot carry
-   the audio into the loss forward, see the field notes) with PEFT LoRA and the same 4-bit weights, and
+   the audio into the loss forward: TRL 1.16's trl/trainer/grpo_trainer.py re-processes the prompts for the
+   loss forward with images only, so input_features never reach it) with PEFT LoRA and the same 4-bit weights, and
    the kit with `quantization.load_in_4bit=false` (bf16 LoRA). Ratios against the kit's QLoRA run.
 
 Read from the training loop's metrics.jsonl (one line per step): rollout_time_s, train_time_s, step_time_s,
@@ -68,7 +69,8 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 GIB = 2**30
 SCHEMA = "echoink-lite-bench/1"
 PAPER_TRAIN_ROWS = 4490
-# The special tokens of the real Qwen2.5-Omni tokenizer, at their real ids (field notes §3).
+# The special tokens of the real Qwen2.5-Omni tokenizer, at their real ids (added_tokens_decoder in
+# Qwen/Qwen2.5-Omni-7B's tokenizer_config.json).
 QWEN_OMNI_SPECIAL = {
     151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>", 151646: "<|AUDIO|>",
     151647: "<|audio_bos|>", 151648: "<|audio_eos|>", 151649: "<|box_end|>", 151650: "<|quad_start|>",
@@ -233,7 +235,8 @@ def prompt_length(processor, recipe, split: Path) -> int:
 
 def paper_length_question(processor, recipe, split: Path, target: int) -> tuple[str, int]:
     """The question grown word by word until the whole prompt (text + audio + image tokens) reaches `target`."""
-    from echoink_lite.data import build_prompt_text, scan_split
+    from echoink_lite.answer_protocol import build_prompt_text
+    from echoink_lite.data import scan_split
     from echoink_lite.prompting import render_prompt
 
     row = scan_split(split, open_media=False).rows[0]

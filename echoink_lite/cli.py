@@ -134,9 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="check or synthesise AVQA-layout data")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    c = dsub.add_parser("check", help="read every row and file; report rejected rows (exit 1 if any)")
+    c = dsub.add_parser(
+        "check", help="read every row and file; report rejected rows (exit 1 if any)",
+        description="Read every row, decode every audio and image file with the training caps, and check them "
+                    "against the processor's and model's limits.",
+        epilog="exit codes: 0 every row usable; 1 rejected rows found (or the list file is unusable); "
+               "2 the check could not run (the path does not exist or cannot be read, or --report cannot be written)",
+    )
     c.add_argument("path", help="split folder, its JSON list, or a JSON Lines file")
-    c.add_argument("--report", help="write one JSON line per rejected row here")
+    c.add_argument("--report", help="write one JSON line per rejected row here (checked for writability first)")
     c.set_defaults(func=cmd_data_check)
     s = dsub.add_parser("synth", help="write a synthetic audio+image multiple-choice set in the AVQA-R1-6K layout")
     s.add_argument("out")

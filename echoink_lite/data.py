@@ -10,18 +10,23 @@ not crash a multi-hour GRPO run at step 400, and must not be silently dropped ei
    ``Reject`` with a reason constant and a message that names the file/field and the fix.
 3. ``enforce_bad_fraction`` lets the caller refuse a split that is mostly broken.
 4. ``load_example`` decodes audio (16 kHz mono, first 10 s) and image (pixel-capped RGB) with the
-   same caps the original EchoInk-R1 used; decode failures raise ``MediaError`` so callers can skip
-   and count them.
+   same caps the original EchoInk-R1 used, and checks them against the processor's and model's limits
+   (an image over aspect ratio 200, audio too short for one audio token); failures raise ``MediaError``,
+   a ``RowEncodeError``, so callers can skip and count them. ``prompting.encode_row`` adds the prompt
+   encoding and is what training and evaluation call.
 5. ``check_command`` is ``echoink-lite data check PATH [--report FILE]``: the same checks plus a
-   full decode of every row, a summary table and a JSON Lines report.
+   full decode of every row, a summary table and a JSON Lines report. Exit 0: every row usable;
+   1: bad rows; 2: the check could not run (unreadable path, unwritable report).
 
-The prompt text is the original's, byte for byte (see ``PROMPT_INSTRUCTION``).
+The prompt text and the answer tags are the answer protocol's (``answer_protocol``); ``Row.prompt_text``
+builds the text the model is asked.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field, replace
@@ -33,35 +38,7 @@ import soundfile as sf
 import soxr
 from PIL import Image
 
-# --------------------------------------------------------------------------------------------
-# Prompt (verbatim from EchoInk-R1; note the missing period after "thought expressions").
-# --------------------------------------------------------------------------------------------
-
-PROMPT_INSTRUCTION = (
-    "Please think about this question as if you were a human pondering deeply. "
-    "Make sure to carefully consider both the visual and audio information before answering. "
-    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', "
-    "'oh, I see', 'let's break it down', etc, or other natural language thought expressions "
-    "It's encouraged to include self-reflection or verification in the reasoning process. "
-    "Provide your detailed reasoning between the <think> </think> tags, and then give your "
-    "final answer between the <answer> </answer> tags. Please provide only the single option "
-    "letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
-)
-
-
-def build_prompt_text(problem: str, options: Iterable[str]) -> str:
-    """The user-turn text: question, the options one per line, then the instruction."""
-    return f"{problem} Options:\n" + "\n".join(options) + "\n" + PROMPT_INSTRUCTION
-
-
-_ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
-
-
-def extract_answer(text: str) -> str | None:
-    """Text inside the first ``<answer>...</answer>`` (stripped), or None. Same regex as the paper's reward."""
-    match = _ANSWER_RE.search(text)
-    return match.group(1) if match else None
-
+from .answer_protocol import build_prompt_text, extract_answer, option_letters
 
 # --------------------------------------------------------------------------------------------
 # Reject reasons: stable strings, they appear in reports that users grep.
@@ -77,13 +54,17 @@ BAD_SOLUTION = "solution_not_an_option"
 BAD_OPTIONS = "malformed_options"
 DUPLICATE_ID = "duplicate_id"
 BAD_JSON = "malformed_row"
+IMAGE_ASPECT_RATIO = "image_aspect_ratio"
+AUDIO_TOO_SHORT = "audio_too_short"
 
 REASONS = (
     MISSING_FIELD,
     MISSING_FILE,
     BAD_AUDIO,
     EMPTY_AUDIO,
+    AUDIO_TOO_SHORT,
     BAD_IMAGE,
+    IMAGE_ASPECT_RATIO,
     PATH_ESCAPE,
     BAD_SOLUTION,
     BAD_OPTIONS,
@@ -91,18 +72,37 @@ REASONS = (
     BAD_JSON,
 )
 
+# Reasons only met when a row is encoded for the model (training, evaluation), never by a scan.
+PROMPT_TOO_LONG = "prompt_too_long"
+ENCODE_FAILED = "encode_failed"
+
 
 class DataError(ValueError):
     """A split cannot be used as given; the message says what to fix."""
 
 
-class MediaError(DataError):
-    """One row's audio or image could not be decoded; callers skip the row and count it."""
+class SplitReadError(DataError):
+    """The split's path does not exist or cannot be read (an I/O problem, not bad rows)."""
 
-    def __init__(self, reason: str, detail: str):
+
+class RowEncodeError(DataError):
+    """One row cannot be turned into model inputs: its media fail to load, lie outside the model's limits,
+    or the processor cannot encode it. Training and evaluation skip such a row and count it by ``reason``.
+
+    ``detail`` (also ``str(err)``) is one line naming the row, the file and the fix; ``problem_id`` and
+    ``index`` (0-based position in the split's list file) say which row, when known.
+    """
+
+    def __init__(self, reason: str, detail: str, problem_id: str | int | None = None, index: int | None = None):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.problem_id = problem_id
+        self.index = index
+
+
+class MediaError(RowEncodeError):
+    """One row's audio or image cannot be decoded, or is outside what the processor and model accept."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ class Row:
 
     @property
     def letters(self) -> tuple[str, ...]:
-        return tuple(option[0] for option in self.options)
+        return option_letters(self.options)
 
 
 @dataclass
@@ -175,16 +175,19 @@ def resolve_split(path: str | Path) -> tuple[Path, Path]:
     """Return (split_dir, list_file) for a split folder, a JSON list file, or a JSON Lines file."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(
+        raise SplitReadError(
             f"{path} does not exist; pass a split folder (with audios/, images/ and a JSON list) or its JSON file"
         )
     if path.is_file():
         return path.parent.resolve(), path.resolve()
 
     # A folder: prefer the published name, else accept exactly one list file.
-    candidates = sorted(path.glob("omni_rl_format_*.json"))
-    if not candidates:
-        candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl"))
+    try:
+        candidates = sorted(path.glob("omni_rl_format_*.json"))
+        if not candidates:
+            candidates = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".jsonl"))
+    except OSError as err:
+        raise SplitReadError(f"cannot list {path} ({err.strerror or err}); check the path and its permissions") from err
     if len(candidates) == 1:
         return path.resolve(), candidates[0].resolve()
     if len(candidates) > 1:
@@ -207,6 +210,8 @@ def _read_items(source: Path) -> list[tuple[Any, str | None]]:
         text = source.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{source} is not UTF-8 text ({err}); re-save it as UTF-8 JSON") from err
+    except OSError as err:
+        raise SplitReadError(f"cannot read {source} ({err.strerror or err}); check the path and its permissions") from err
 
     if source.suffix == ".jsonl":
         # One object per line; a bad line is one bad row, not a reason to drop the whole file.
@@ -233,6 +238,87 @@ def _read_items(source: Path) -> list[tuple[Any, str | None]]:
             f"{source} holds a JSON {type(data).__name__}, expected a list of items; pass the AVQA-style list file"
         )
     return [(item, None) for item in data]
+
+
+# --------------------------------------------------------------------------------------------
+# Media caps (the original's) and the limits of the processor and model
+# --------------------------------------------------------------------------------------------
+
+# EchoInk-R1 feeds audio as 16 kHz mono cut to the first 10 s, and images brought within 4*28*28 and
+# 256*28*28 pixels (at most 256 visual tokens): its bundled qwen-omni-utils, src/qwen-omni-utils/src/
+# qwen_omni_utils/v2_5/audio_process.py and vision_process.py (MIN_PIXELS, MAX_PIXELS). A recipe's
+# data.max_audio_seconds / data.max_pixels can change the caps.
+SAMPLING_RATE = 16000
+DEFAULT_MAX_AUDIO_SECONDS = 10.0
+DEFAULT_MAX_PIXELS = 256 * 28 * 28
+DEFAULT_MIN_PIXELS = 4 * 28 * 28
+
+# A row outside the limits below decodes fine, then crashes the processor or the model at the training step
+# (or evaluation batch) that meets it, with a traceback that does not name the row. They are checked
+# explicitly, with the libraries' own numbers, when a split is scanned and again when a row is loaded,
+# rather than by running the processor over every row in `data check`: the audio limit is only hit inside
+# the model's forward pass (the processor encodes such audio without complaint), and an explicit check
+# needs no model download and costs nothing. Any other failure of the processor is caught when the row is
+# encoded (``prompting.encode_row`` raises ``RowEncodeError`` with reason ``encode_failed``).
+
+# transformers' smart_resize for Qwen2-VL-style image processors (models/qwen2_vl/image_processing_qwen2_vl.py,
+# used by Qwen2.5-Omni) raises "absolute aspect ratio must be smaller than 200" above this (so does the
+# original's vision_process.py, MAX_RATIO = 200).
+MAX_IMAGE_ASPECT_RATIO = 200
+
+# Qwen2.5-Omni's WhisperFeatureExtractor makes one mel frame per 160 samples (hop_length; 10 ms at 16 kHz).
+AUDIO_HOP_SAMPLES = 160
+
+
+def audio_token_count(samples: int) -> int:
+    """Audio tokens the thinker makes of ``samples`` 16 kHz samples.
+
+    Mel frames (one per started hop, as the feature extractor's attention mask counts them), then the audio
+    encoder's two stride-2 stages: ``_get_feat_extract_output_lengths`` in transformers'
+    models/qwen2_5_omni/modeling_qwen2_5_omni.py. With 0 tokens the thinker's ``get_rope_index`` fails
+    with "max(): ... numel() == 0".
+    """
+    frames = -(-samples // AUDIO_HOP_SAMPLES)
+    after_first_stage = (frames - 1) // 2 + 1
+    return (after_first_stage - 2) // 2 + 1
+
+
+MIN_AUDIO_SAMPLES = 2 * AUDIO_HOP_SAMPLES + 1  # 321 samples, about 20 ms: the fewest that give one audio token
+
+
+def audio_limit_problem(samples: int) -> str | None:
+    """Why audio of ``samples`` samples at 16 kHz cannot go to the model, or None if it can."""
+    if audio_token_count(samples) >= 1:
+        return None
+    return (
+        f"holds {samples} samples at 16 kHz ({1000 * samples / SAMPLING_RATE:.0f} ms), too short for one audio "
+        f"token (Qwen2.5-Omni needs at least {MIN_AUDIO_SAMPLES} samples, about 20 ms)"
+    )
+
+
+def image_limit_problem(width: int, height: int) -> str | None:
+    """Why an image of this size (as the processor receives it) cannot go to the model, or None if it can."""
+    ratio = max(width, height) / min(width, height)
+    if ratio <= MAX_IMAGE_ASPECT_RATIO:
+        return None
+    return (
+        f"is {width}x{height} pixels after the pixel caps, an aspect ratio of {ratio:.1f}, over the image "
+        f"processor's limit of {MAX_IMAGE_ASPECT_RATIO}"
+    )
+
+
+def capped_image_size(
+    width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixels: int = DEFAULT_MIN_PIXELS
+) -> tuple[int, int]:
+    """The size ``load_image`` gives an image: pixel count brought within [min_pixels, max_pixels], aspect kept."""
+    pixels = width * height
+    if pixels > max_pixels:
+        scale = math.sqrt(max_pixels / pixels)
+        return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    if pixels < min_pixels:
+        scale = math.sqrt(min_pixels / pixels)
+        return math.ceil(width * scale), math.ceil(height * scale)
+    return width, height
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,13 +434,25 @@ def _check_media_files(
         )
     if info.frames <= 0:
         return EMPTY_AUDIO, f"{audio_rel} under {split_dir} holds no audio samples; replace the file or remove the row"
+    # Samples after resampling to 16 kHz, as load_audio will give them (exact up to rounding; load_example
+    # checks the decoded samples again).
+    problem = audio_limit_problem(int(info.frames * SAMPLING_RATE / info.samplerate))
+    if problem:
+        return AUDIO_TOO_SHORT, f"{audio_rel} under {split_dir} {problem}; replace the file or remove the row"
     try:
         with Image.open(image) as img:
+            size = img.size
             img.verify()
     except Exception as err:  # PIL raises UnidentifiedImageError, SyntaxError, OSError, ...
         return BAD_IMAGE, (
             f"{image_rel} under {split_dir} cannot be read as an image ({err});"
             " replace the file or remove the row"
+        )
+    # With the paper's pixel caps; load_example checks the image at the caps in use.
+    problem = image_limit_problem(*capped_image_size(*size))
+    if problem:
+        return IMAGE_ASPECT_RATIO, (
+            f"{image_rel} under {split_dir} ({size[0]}x{size[1]}) {problem}; crop or pad the image, or remove the row"
         )
     return None
 
@@ -385,7 +483,7 @@ def scan_split(path: str | Path, open_media: bool = True) -> SplitScan:
         if options is None:
             reject(BAD_OPTIONS, detail)
             continue
-        letters = tuple(option[0] for option in options)
+        letters = option_letters(options)
         answer = _answer_letter(item["solution"])
         if answer not in letters:
             reject(
@@ -452,11 +550,13 @@ def enforce_bad_fraction(scan: SplitScan, max_bad_fraction: float, what: str) ->
 
 
 # --------------------------------------------------------------------------------------------
-# Media loading (the caps of the original: 16 kHz mono, first 10 s; at most 256*28*28 pixels)
+# Media loading (the caps above: 16 kHz mono, first 10 s; at most 256*28*28 pixels)
 # --------------------------------------------------------------------------------------------
 
 
-def load_audio(path: str | Path, max_seconds: float | None = 10.0, sampling_rate: int = 16000) -> np.ndarray:
+def load_audio(
+    path: str | Path, max_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS, sampling_rate: int = SAMPLING_RATE
+) -> np.ndarray:
     """Float32 mono samples at ``sampling_rate``, cut to the first ``max_seconds`` (None: whole file).
 
     soundfile + soxr rather than librosa: same samples, milliseconds instead of a ~18 s numba warm-up.
@@ -482,7 +582,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int = 256 * 28 * 28, min_pixels: int = 4 * 28 * 28) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixels: int = DEFAULT_MIN_PIXELS) -> Image.Image:
     """RGB image whose pixel count is brought within [min_pixels, max_pixels], aspect ratio kept.
 
     The Qwen processor also snaps sizes to multiples of 28; capping here first bounds memory and
@@ -491,15 +591,8 @@ def load_image(path: str | Path, max_pixels: int = 256 * 28 * 28, min_pixels: in
     with Image.open(path) as img:
         img.load()
         rgb = _to_rgb(img)
-    width, height = rgb.size
-    pixels = width * height
-    if pixels > max_pixels:
-        scale = math.sqrt(max_pixels / pixels)
-        size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
-        rgb = rgb.resize(size, Image.BICUBIC)
-    elif pixels < min_pixels:
-        scale = math.sqrt(min_pixels / pixels)
-        size = (math.ceil(width * scale), math.ceil(height * scale))
+    size = capped_image_size(rgb.width, rgb.height, max_pixels, min_pixels)
+    if size != rgb.size:
         rgb = rgb.resize(size, Image.BICUBIC)
     return rgb
 
@@ -511,22 +604,33 @@ class Example:
     image: Image.Image  # RGB
 
 
-def load_example(row: Row, max_audio_seconds: float = 10.0, max_pixels: int = 256 * 28 * 28) -> Example:
-    """Decode a row's media; ``MediaError`` (with a reason constant) if either cannot be decoded."""
+def load_example(
+    row: Row, max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Example:
+    """Decode a row's media with the caps; ``MediaError`` (with a reason constant) if either cannot be
+    decoded or is outside the processor's and model's limits (see ``audio_limit_problem``,
+    ``image_limit_problem``)."""
     where = f"row {row.index} (problem_id {row.problem_id!r})"
+
+    def fail(reason: str, detail: str) -> MediaError:
+        return MediaError(reason, f"{where}: {detail}", problem_id=row.problem_id, index=row.index)
+
     try:
         audio = load_audio(row.audio_path, max_seconds=max_audio_seconds)
     except Exception as err:
-        detail = f"{where}: {row.audio_path} cannot be decoded as audio ({err}); replace the file or remove the row"
-        raise MediaError(BAD_AUDIO, detail) from err
+        raise fail(BAD_AUDIO, f"{row.audio_path} cannot be decoded as audio ({err}); replace the file or remove the row") from err
     if audio.size == 0:
-        detail = f"{where}: {row.audio_path} holds no audio samples; replace the file or remove the row"
-        raise MediaError(EMPTY_AUDIO, detail)
+        raise fail(EMPTY_AUDIO, f"{row.audio_path} holds no audio samples; replace the file or remove the row")
+    problem = audio_limit_problem(audio.size)
+    if problem:
+        raise fail(AUDIO_TOO_SHORT, f"{row.audio_path} {problem}; replace the file or remove the row")
     try:
         image = load_image(row.image_path, max_pixels=max_pixels)
     except Exception as err:
-        detail = f"{where}: {row.image_path} cannot be decoded as an image ({err}); replace the file or remove the row"
-        raise MediaError(BAD_IMAGE, detail) from err
+        raise fail(BAD_IMAGE, f"{row.image_path} cannot be decoded as an image ({err}); replace the file or remove the row") from err
+    problem = image_limit_problem(*image.size)
+    if problem:
+        raise fail(IMAGE_ASPECT_RATIO, f"{row.image_path} {problem}; crop or pad the image, or remove the row")
     return Example(row=row, audio=audio, image=image)
 
 
@@ -579,11 +683,35 @@ def write_reject_report(rejects: Iterable[Reject], path: str | Path) -> Path:
     return path
 
 
-def check_command(path: str | Path, report: str | Path | None = None, console=None) -> int:
-    """Check a split end to end (rows and full media decode). 0 if every row is usable, else 1.
+# Exit codes of `data check` (also in its --help).
+CHECK_OK, CHECK_BAD_ROWS, CHECK_IO_ERROR = 0, 1, 2
 
-    A list file that cannot be parsed at all is reported and also returns 1 (no report is
-    written then: there are no rows to list).
+
+def _report_write_problem(report: Path) -> str | None:
+    """Why the report file cannot be written, or None. Checked before the (long) decode of every row,
+    without creating anything yet."""
+    fix = "pass a --report path in a writable folder"
+    if report.is_dir():
+        return f"cannot write the report {report}: it is a folder; pass a file path, e.g. {report / 'bad.jsonl'}"
+    if report.exists():
+        return None if os.access(report, os.W_OK) else f"cannot write the report {report} (permission denied); {fix}"
+    ancestor = report.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot write the report {report}: {ancestor} is a file, not a folder; {fix}"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot write the report {report}: {ancestor} is not writable; {fix}"
+    return None
+
+
+def check_command(path: str | Path, report: str | Path | None = None, console=None) -> int:
+    """Check a split end to end: every row, then a full decode of its media with the limits of the
+    processor and model. Returns 0 if every row is usable, 1 if some rows (or the whole list file) are
+    unusable, 2 if the check itself could not run: the path does not exist or cannot be read, or the
+    report cannot be written. Errors are one line naming the path.
+
+    A list file that cannot be parsed at all returns 1 (no report is written then: there are no rows to list).
     """
     from rich.console import Console
     from rich.markup import escape
@@ -591,13 +719,25 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
     from rich.table import Table
 
     console = console or Console()
+
+    def error(message: str) -> None:
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    report = Path(report).expanduser() if report is not None else None
+    problem = _report_write_problem(report) if report is not None else None
+    if problem:
+        error(problem)
+        return CHECK_IO_ERROR
     try:
         scan = scan_split(path, open_media=True)
+    except SplitReadError as err:
+        error(str(err))
+        return CHECK_IO_ERROR
     except DataError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        return 1
+        error(str(err))
+        return CHECK_BAD_ROWS
 
-    # Headers can look fine while the data is truncated: decode everything once.
+    # Headers can look fine while the data is truncated: decode everything once, with the limits.
     usable: list[Row] = []
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("decoding media", total=len(scan.rows))
@@ -623,7 +763,11 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
     console.print(table)
 
     if report is not None:
-        written = write_reject_report(scan.rejects, report)
+        try:
+            written = write_reject_report(scan.rejects, report)
+        except OSError as err:
+            error(f"cannot write the report {report} ({err.strerror or err}); pass a --report path in a writable folder")
+            return CHECK_IO_ERROR
         console.print(f"reject report: {written} ({len(scan.rejects)} lines)")
 
     shown = 5
@@ -636,4 +780,4 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
         console.print(f"... and {len(scan.rejects) - shown} more{more}")
     if not scan.rejects:
         console.print("[green]all rows usable[/]")
-    return 0 if not scan.rejects else 1
+    return CHECK_OK if not scan.rejects else CHECK_BAD_ROWS

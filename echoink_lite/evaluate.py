@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import statistics
 import time
 from collections import Counter
@@ -42,7 +41,8 @@ from typing import Any
 
 import torch
 
-from .data import DataError, MediaError, Row, enforce_bad_fraction, extract_answer, load_example, scan_split
+from .answer_protocol import format_ok, parse_answer
+from .data import DataError, Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .modeling import (
     ModelLoadError,
     default_device,
@@ -52,49 +52,13 @@ from .modeling import (
     multimodal_token_ids,
     torch_dtype,
 )
-from .prompting import PromptTooLongError, collate, completion_mask, decode_completions, encode_example, generation_kwargs, to_device
+from .prompting import collate, completion_mask, decode_completions, encode_row, generation_kwargs, to_device
 
-from .rewards import FORMAT_PATTERN, format_reward  # noqa: E402,F401  (one definition of the paper's format)
-
-PROMPT_TOO_LONG = "prompt_too_long"  # bad-row reason next to data.REASONS
 PAPER_TEMPERATURE, PAPER_TOP_P = 1.0, 0.95
 
 
 class EvalError(ValueError):
     """Evaluation settings that cannot work together; the message says what to change."""
-
-
-# --------------------------------------------------------------------------------------------
-# Parsing
-# --------------------------------------------------------------------------------------------
-
-
-def parse_answer(completion: str, letters: tuple[str, ...], lenient: bool = False) -> str | None:
-    """The option letter a completion gives, or None.
-
-    Strict (default): the text inside the first ``<answer>...</answer>`` (stripped), accepted only if it is
-    exactly one of ``letters`` ("B" yes; "b", "(B)", "B." and "B. red high" no).
-
-    Lenient (the original's fallback): when no tag gives a letter, the first standalone option letter
-    anywhere in the completion, case-insensitively, upper-cased. Beware: the English word "a" then counts
-    as answer A ("I see a cat" -> "A"), which is why lenient is opt-in.
-    """
-    inside = extract_answer(completion)
-    if inside is not None and inside.strip() in letters:
-        return inside.strip()
-    if not lenient or not letters:
-        return None
-    pattern = r"\b([" + "".join(re.escape(letter) for letter in letters) + r"])\b"
-    match = re.search(pattern, completion, re.IGNORECASE)
-    if match is None:
-        return None
-    letter = match.group(1).upper()
-    return letter if letter in letters else None
-
-
-def format_ok(completion: str) -> bool:
-    """The paper's format reward condition: `<think>...</think><answer>...</answer>` and nothing else."""
-    return format_reward([completion])[0] == 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,7 +300,8 @@ def evaluate_rows(
     """Generate, parse and score `rows` (K = cfg.samples completions each) into `predictions_path`.
 
     `bad_rows` / `bad_row_details` carry rows the data scan already rejected, so one result reports
-    every bad row. Rows whose media fail to decode or whose prompt is too long are added here.
+    every bad row. Rows that fail to load or encode (`prompting.encode_row`: bad media, prompt too long,
+    a processor error) are skipped with a one-line warning and added here.
     """
     from rich.console import Console
     from rich.markup import escape
@@ -393,15 +358,15 @@ def evaluate_rows(
                 encoded, items = [], []  # items: (row, sample) per batch sequence
                 for row, missing in batch_rows:
                     try:
-                        example = load_example(row, max_audio_seconds=cfg.max_audio_seconds, max_pixels=cfg.max_pixels)
-                        enc = encode_example(processor, example, max_prompt_tokens=cfg.max_prompt_tokens)
-                    except MediaError as err:
+                        enc = encode_row(
+                            processor, row, max_audio_seconds=cfg.max_audio_seconds, max_pixels=cfg.max_pixels,
+                            max_prompt_tokens=cfg.max_prompt_tokens,
+                        )
+                    except RowEncodeError as err:  # one bad row never ends an evaluation: skip, warn, count
                         bad[err.reason] += 1
                         details.append(f"{err.reason}: {err.detail}")
-                        continue
-                    except PromptTooLongError as err:
-                        bad[PROMPT_TOO_LONG] += 1
-                        details.append(f"{PROMPT_TOO_LONG}: {err}")
+                        console.print(f"[yellow]{escape(label)}: skipped row[/] {escape(err.reason)}: {escape(err.detail)}",
+                                      highlight=False, soft_wrap=True)
                         continue
                     for k in missing:
                         encoded.append(enc)

@@ -1,7 +1,7 @@
 """Ask a (trained) thinker one audio + image question: `echoink-lite infer`.
 
 The question goes through the same prompt path as training and evaluation: with `--options` the text is
-the paper's prompt (question, options, reasoning instruction), built by `data.build_prompt_text`; without
+the paper's prompt (question, options, reasoning instruction), built by `answer_protocol.build_prompt_text`; without
 options the question is sent as written. Media get the training caps (16 kHz mono, first 10 s; pixel cap).
 The completion streams to the terminal as it is generated, then a panel shows the reasoning (`<think>`)
 and the answer (`<answer>`, parsed strictly against the option letters when options are given).
@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from .data import DataError, build_prompt_text, extract_answer, load_audio, load_image
-from .evaluate import PAPER_TEMPERATURE, PAPER_TOP_P, EvalError, load_model, parse_answer
+from .answer_protocol import build_prompt_text, extract_answer, extract_think, option_letters, parse_answer
+from .data import DataError, audio_limit_problem, image_limit_problem, load_audio, load_image
+from .evaluate import PAPER_TEMPERATURE, PAPER_TOP_P, EvalError, load_model
 from .modeling import ModelLoadError, default_device, multimodal_token_ids
 from .prompting import collate, completion_mask, decode_completions, encode_text_prompt, generation_kwargs, to_device
 
-_THINK_RE = re.compile(r"<think>\s*(.*?)\s*</think>", re.DOTALL)
 _LETTERED = re.compile(r"^[A-Z]\. ")
 
 
@@ -48,10 +48,16 @@ def _load_media(audio_path, image_path, max_audio_seconds: float, max_pixels: in
         raise DataError(f"audio file {audio_path} cannot be decoded ({err}); pass a WAV/FLAC/OGG file") from err
     if audio.size == 0:
         raise DataError(f"audio file {audio_path} holds no samples")
+    problem = audio_limit_problem(audio.size)
+    if problem:
+        raise DataError(f"audio file {audio_path} {problem}; pass a longer clip")
     try:
         image = load_image(image_path, max_pixels=max_pixels)
     except Exception as err:
         raise DataError(f"image file {image_path} cannot be decoded ({err}); pass a JPEG/PNG file") from err
+    problem = image_limit_problem(*image.size)
+    if problem:
+        raise DataError(f"image file {image_path} {problem}; crop or pad the image")
     return audio, image
 
 
@@ -102,14 +108,13 @@ def infer(
     completion_ids = sequences[:, batch["input_ids"].shape[1]:].cpu()
     mask = completion_mask(completion_ids, tokenizer.convert_tokens_to_ids("<|im_end|>"))
     completion = decode_completions(tokenizer, completion_ids, mask)[0]
-    think = _THINK_RE.search(completion)
     if opts:
-        answer = parse_answer(completion, tuple(o[0] for o in opts), lenient=False)
+        answer = parse_answer(completion, option_letters(opts), lenient=False)
     else:
         answer = extract_answer(completion)
     return {
         "completion": completion,
-        "think": think.group(1) if think else None,
+        "think": extract_think(completion),
         "answer": answer,
         "prompt_tokens": enc.length,
         "new_tokens": int(mask.sum()),

@@ -7,7 +7,12 @@ built by repeating and left-padding those tensors (`collate`), which keeps the W
 (always padded to 30 s) out of the per-completion path.
 
 Messages carry only the keys the template needs: rows from a `datasets.Dataset` carry `audio=None` keys on
-text parts, which the official template renders as extra audio placeholders (field notes §3).
+text parts, and the official Qwen2.5-Omni chat template (its `chat_template.json`) renders any content part
+with an `audio` key (`content['type'] == 'audio' or 'audio' in content`) as an audio placeholder.
+
+`encode_row` is the one way training and evaluation turn a row into model inputs: it loads the media with
+the caps and limits of `data.load_example` and encodes the prompt, and any failure of either is a
+`data.RowEncodeError` that names the row, so callers skip the row and count it by its reason.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from typing import Any
 
 import torch
 
-from .data import Example, build_prompt_text
+from .data import ENCODE_FAILED, PROMPT_TOO_LONG, Example, Row, RowEncodeError, load_example
 
 
-class PromptTooLongError(ValueError):
-    """A prompt that does not fit the recipe's caps; the message names the row and the knobs."""
+class PromptTooLongError(RowEncodeError):
+    """A prompt that does not fit the recipe's caps (reason ``prompt_too_long``); the message names the row
+    and the knobs."""
 
 
 def build_messages(question_text: str) -> list[dict[str, Any]]:
@@ -60,13 +66,44 @@ def encode_example(processor, example: Example, max_prompt_tokens: int | None = 
         problem_id=example.row.problem_id,
     )
     if max_prompt_tokens is not None and enc.length > max_prompt_tokens:
+        row = example.row
         raise PromptTooLongError(
-            f"row problem_id={example.row.problem_id} ({example.row.audio_path.name}, {example.row.image_path.name}) "
+            PROMPT_TOO_LONG,
+            f"row problem_id={row.problem_id} ({row.audio_path.name}, {row.image_path.name}) "
             f"has a {enc.length}-token prompt, over generation.max_prompt_tokens={max_prompt_tokens}. "
             "Fix: raise generation.max_prompt_tokens, or lower data.max_audio_seconds (25 tokens/s) or "
-            "data.max_pixels (28*28 pixels per token)."
+            "data.max_pixels (28*28 pixels per token).",
+            problem_id=row.problem_id,
+            index=row.index,
         )
     return enc
+
+
+def encode_row(
+    processor, row: Row, *, max_audio_seconds: float, max_pixels: int, max_prompt_tokens: int | None = None
+) -> Encoded:
+    """Load a row's media and encode its prompt for the thinker, exactly as training and evaluation use it.
+
+    Raises ``RowEncodeError`` (and only that) when the row cannot be used; ``err.reason`` is one of
+    ``data.REASONS`` for media (a ``MediaError``), ``prompt_too_long`` (a ``PromptTooLongError``) or
+    ``encode_failed`` (any other processor failure); ``err.problem_id`` / ``err.index`` say which row and
+    ``str(err)`` is one line naming it and the fix.
+    """
+    example = load_example(row, max_audio_seconds=max_audio_seconds, max_pixels=max_pixels)
+    try:
+        return encode_example(processor, example, max_prompt_tokens=max_prompt_tokens)
+    except RowEncodeError:
+        raise
+    except Exception as err:  # the processor raises ValueError, RuntimeError, IndexError, ... on odd inputs
+        first_line = (str(err).strip().splitlines() or [""])[0][:200]
+        raise RowEncodeError(
+            ENCODE_FAILED,
+            f"row {row.index} (problem_id {row.problem_id!r}): the processor cannot encode "
+            f"{row.audio_path.name} + {row.image_path.name} ({type(err).__name__}: {first_line}); "
+            "replace the media or remove the row",
+            problem_id=row.problem_id,
+            index=row.index,
+        ) from err
 
 
 def encode_text_prompt(processor, question_text: str, image, audio) -> Encoded:

@@ -7,27 +7,29 @@ calling convention as TRL's reward functions. A recipe lists rewards by name wit
     grpo:
       rewards: {accuracy: 1.0, format: 1.0, "my_pkg.my_rewards:length_penalty": 0.1}
 
-Built-ins reproduce EchoInk-R1 exactly (field notes §1): accuracy compares the text inside
-`<answer>...</answer>` of the completion and of the solution; format requires
-`<think>...</think><answer>...</answer>` with no repeated tags.
+Built-ins reproduce EchoInk-R1's `accuracy_reward` and `format_reward` (HarryHsing/EchoInk,
+src/r1-v/src/open_r1/grpo.py, the "multiple choice" case): accuracy compares the text inside
+`<answer>...</answer>` of the completion and of the solution; format requires the stripped completion to be
+`<think>...</think><answer>...</answer>` and nothing else. Both read the reply through `answer_protocol`,
+the one definition shared with evaluation and inference.
 """
 
 from __future__ import annotations
 
 import importlib
-import re
 from typing import Callable
 
-from .data import extract_answer
-
-FORMAT_PATTERN = r"^(?!.*<think>.*<think>)(?!.*<answer>.*<answer>)<think>[\s\S]+?</think>\s*<answer>[\s\S]+?</answer>$"
-_FORMAT_RE = re.compile(FORMAT_PATTERN, re.DOTALL)
+from .answer_protocol import extract_answer, format_ok
 
 RewardFn = Callable[..., list[float]]
 
 
 def accuracy_reward(completions: list[str], solution: list[str], **_) -> list[float]:
-    """1.0 when the completion's <answer> text equals the solution's, else 0.0 (no tag -> 0.0)."""
+    """1.0 when the completion's <answer> text equals the solution's, else 0.0 (no tag -> 0.0).
+
+    A solution without tags (a bare letter, which `data check` accepts) is compared as written; the original
+    would compare against "" there and reward completions that give no answer at all.
+    """
     out = []
     for completion, sol in zip(completions, solution):
         got = extract_answer(completion)
@@ -39,8 +41,8 @@ def accuracy_reward(completions: list[str], solution: list[str], **_) -> list[fl
 
 
 def format_reward(completions: list[str], **_) -> list[float]:
-    """1.0 iff the stripped completion fully matches the paper's think/answer pattern."""
-    return [1.0 if _FORMAT_RE.fullmatch(c.strip()) else 0.0 for c in completions]
+    """1.0 iff the stripped completion fully matches the paper's think/answer pattern (`format_ok`)."""
+    return [1.0 if format_ok(c) else 0.0 for c in completions]
 
 
 BUILTIN_REWARDS: dict[str, RewardFn] = {"accuracy": accuracy_reward, "format": format_reward}

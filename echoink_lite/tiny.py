@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .data import PROMPT_INSTRUCTION
+from .answer_protocol import PROMPT_INSTRUCTION
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
@@ -133,7 +133,9 @@ def tiny_thinker_config(tokenizer):
             spatial_merge_size=2, temporal_patch_size=2, window_size=112,
         ),
     )
-    # Not declared by the config class, but read by the model (field notes §3).
+    # Qwen2_5OmniThinkerConfig does not declare these (in transformers 5.23 only the talker config does), but
+    # the thinker's get_rope_index reads config.vision_start_token_id (transformers'
+    # models/qwen2_5_omni/modeling_qwen2_5_omni.py), so they are set by hand at the tiny tokenizer's ids.
     cfg.vision_start_token_id = ids["<|vision_bos|>"]
     cfg.vision_end_token_id = ids["<|vision_eos|>"]
     return cfg

@@ -14,6 +14,7 @@ from PIL import Image
 from rich.console import Console
 
 from echoink_lite import data
+from echoink_lite.answer_protocol import build_prompt_text
 from echoink_lite.data import (
     BAD_AUDIO,
     BAD_IMAGE,
@@ -29,11 +30,9 @@ from echoink_lite.data import (
     DataError,
     MediaError,
     Reject,
-    build_prompt_text,
     check_command,
     derange,
     enforce_bad_fraction,
-    extract_answer,
     load_audio,
     load_example,
     load_image,
@@ -103,28 +102,8 @@ def only_reject(scan: data.SplitScan) -> Reject:
 
 
 # ------------------------------------------------------------------------------------------
-# prompt and answer extraction
+# rows carry the protocol's prompt text (the text itself is pinned in test_answer_protocol.py)
 # ------------------------------------------------------------------------------------------
-
-
-def test_prompt_text_is_pinned_byte_for_byte():
-    # Written out independently of the module constant: any drift from the original fails here.
-    expected = (
-        "What is the man in the picture doing? Options:\n"
-        "A. Playing the violin\n"
-        "B. Singing\n"
-        "C. Playing the piano\n"
-        "D. Drumming\n"
-        "Please think about this question as if you were a human pondering deeply. Make sure to "
-        "carefully consider both the visual and audio information before answering. Engage in an "
-        "internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', "
-        "'let's break it down', etc, or other natural language thought expressions It's encouraged "
-        "to include self-reflection or verification in the reasoning process. Provide your detailed "
-        "reasoning between the <think> </think> tags, and then give your final answer between the "
-        "<answer> </answer> tags. Please provide only the single option letter (e.g., A, B, C, D, "
-        "etc.) within the <answer> </answer> tags."
-    )
-    assert build_prompt_text("What is the man in the picture doing?", OPTIONS) == expected
 
 
 def test_row_prompt_text_and_letters(tmp_path):
@@ -137,24 +116,6 @@ def test_row_prompt_text_and_letters(tmp_path):
     assert row.problem_id == 0 and row.index == 0
     assert row.data_source == "OmniInstruct_v1-AVQA"
     assert row.image_path.is_absolute() and row.audio_path.is_absolute()
-
-
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("<answer>C</answer>", "C"),
-        ("<answer>  B \n</answer>", "B"),
-        ("<think>hmm</think>\n<answer>\nA\n</answer>", "A"),
-        ("<answer>A</answer> then <answer>B</answer>", "A"),
-        ("<answer></answer>", ""),
-        ("<answer>two\nlines</answer>", "two\nlines"),
-        ("the answer is C", None),
-        ("<answer>C", None),
-        ("", None),
-    ],
-)
-def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,7 +139,7 @@ def test_bare_letter_solution_and_string_ids_are_accepted(tmp_path):
 
 
 def test_reason_constants():
-    assert len(set(REASONS)) == len(REASONS) == 10
+    assert len(set(REASONS)) == len(REASONS) == 12
     assert (BAD_AUDIO, EMPTY_AUDIO, BAD_IMAGE, PATH_ESCAPE) == (
         "unreadable_audio",
         "empty_audio",
@@ -556,6 +517,57 @@ def test_check_command_unparseable_file(tmp_path):
     console = quiet_console()
     assert check_command(tmp_path, None, console=console) == 1
     assert "not valid JSON" in console.file.getvalue()
+
+
+def test_check_command_rejects_rows_the_model_cannot_take(tmp_path):
+    # Both rows decode, so they passed `data check` before; then crashed the processor (aspect ratio over 200
+    # after the pixel caps) or the model (too short for one audio token) at the training step that met them.
+    split = good_split(tmp_path / "train", n=4)
+    write_png(split / "images/sample_1.png", size=(600, 2))
+    sf.write(split / "audios/sample_2.wav", np.zeros(160, dtype=np.float32), 16000, subtype="PCM_16")
+    write_png(split / "images/sample_3.png", size=(400, 2))  # thin, but within the limit after the caps
+    console = quiet_console()
+    report = tmp_path / "bad.jsonl"
+    assert check_command(split, report, console=console) == 1
+    lines = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [(r["index"], r["reason"]) for r in lines] == [(1, "image_aspect_ratio"), (2, "audio_too_short")]
+    assert "sample_1.png" in lines[0]["detail"] and "sample_2.wav" in lines[1]["detail"]
+    output = console.file.getvalue()
+    assert "image_aspect_ratio" in output and "audio_too_short" in output
+
+
+def test_check_command_io_errors_exit_2_in_one_line(tmp_path):
+    split = good_split(tmp_path / "train", n=2)
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("x")
+    for report, expected in (
+        (not_a_folder / "bad.jsonl", "notes.txt is a file, not a folder"),
+        (tmp_path, "it is a folder"),
+    ):
+        console = quiet_console()
+        assert check_command(split, report, console=console) == 2
+        output = console.file.getvalue()
+        assert output.count("\n") == 1 and "error:" in output and str(report) in output and expected in output
+        assert "decoding" not in output and "usable" not in output  # refused before the long decode
+
+    console = quiet_console()
+    assert check_command(tmp_path / "missing", None, console=console) == 2
+    assert "does not exist" in console.file.getvalue() and console.file.getvalue().count("\n") == 1
+
+    # Bad rows still exit 1, also when they come with a report in a folder that does not exist yet.
+    (split / "audios/sample_1.wav").unlink()
+    assert check_command(split, tmp_path / "new" / "dir" / "bad.jsonl", console=quiet_console()) == 1
+    assert (tmp_path / "new" / "dir" / "bad.jsonl").read_text().count("\n") == 1
+
+
+def test_check_command_help_documents_the_exit_codes(capsys):
+    from echoink_lite.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["data", "check", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "exit codes: 0 every row usable; 1 rejected rows found" in text
+    assert "2 the check could not run" in text and "--report cannot be written" in text
 
 
 def test_write_reject_report_round_trip(tmp_path):

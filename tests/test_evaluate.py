@@ -22,9 +22,7 @@ from echoink_lite.evaluate import (
     add_eval_arguments,
     eval_command,
     evaluate_rows,
-    format_ok,
     load_eval_model,
-    parse_answer,
     run_eval,
 )
 
@@ -42,47 +40,6 @@ def gold_letters(split_dir: Path) -> list[str]:
 
 def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# ---------------------------------------------------------------------------------------------
-# parse_answer / format_ok
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "completion, strict, lenient",
-    [
-        ("<think>red low</think><answer>A</answer>", "A", "A"),
-        ("<think>x</think><answer>  C \n</answer>", "C", "C"),
-        ("<think>x</think><answer>\nB\n</answer>", "B", "B"),
-        ("<think>x</think><answer>b</answer>", None, "B"),  # lowercase: strict rejects, fallback finds "b"
-        ("<think>x</think><answer>(B)</answer>", None, "B"),
-        ("<think>x</think><answer>B.</answer>", None, "B"),
-        ("The answer is B", None, "B"),
-        ("I see a cat", None, "A"),  # the documented trap: the word "a" counts as A when lenient
-        ("<think>x</think><answer>E</answer>", None, None),  # not among the options
-        ("The answer is E", None, None),
-        ("no letter here", None, None),
-        ("<answer>D</answer><answer>A</answer>", "D", "D"),  # the first tag counts, as in the reward
-    ],
-)
-def test_parse_answer_strict_and_lenient(completion, strict, lenient):
-    assert parse_answer(completion, LETTERS, lenient=False) == strict
-    assert parse_answer(completion, LETTERS, lenient=True) == lenient
-
-
-def test_parse_answer_lenient_is_limited_to_the_rows_letters():
-    assert parse_answer("The answer is C", ("A", "B"), lenient=True) is None
-    assert parse_answer("maybe c, or b", ("A", "B", "C"), lenient=True) == "C"
-
-
-def test_format_ok_is_the_papers_pattern():
-    assert format_ok("<think>x</think><answer>A</answer>")
-    assert format_ok("  <think>x</think>\n<answer>A</answer>\n")
-    assert not format_ok("<think>x</think><answer>A</answer> trailing")
-    assert not format_ok("<think>x</think><think>y</think><answer>A</answer>")
-    assert not format_ok("<answer>A</answer>")
-    assert evaluate.FORMAT_PATTERN.startswith("^(?!.*<think>.*<think>)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +212,51 @@ def test_bad_rows_are_counted_per_reason(loaded, synth_dir, tmp_path, monkeypatc
         model, processor, rows[1:3], EvalConfig(data=str(split), max_prompt_tokens=50), tmp_path / "r.jsonl", "base", quiet()
     )
     assert result.bad_rows == {"prompt_too_long": 2} and result.n_rows == 0 and result.accuracy is None
+
+
+def test_eval_never_dies_on_one_row(loaded, synth_dir, tmp_path, monkeypatch):
+    # Rows that decode but that the processor (600x2 image: aspect ratio over 200) or the model (160 samples:
+    # no audio token) cannot take, and a row the processor fails on for any other reason, are each skipped with
+    # a one-line warning naming the row, counted by reason, and the rest is evaluated (real generate).
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image
+
+    from echoink_lite import prompting
+
+    model, processor = loaded
+    split = tmp_path / "valid"
+    shutil.copytree(synth_dir / "valid", split)
+    Image.new("RGB", (600, 2), (200, 10, 10)).save(split / "images" / "sample_0.png")
+    sf.write(split / "audios" / "sample_1.wav", np.zeros(160, dtype=np.float32), 16000, subtype="PCM_16")
+    real_encode = prompting.encode_example
+
+    def encode_failing_on_row_2(processor, example, *args, **kwargs):
+        if example.row.problem_id == 2:
+            raise IndexError("index 7 is out of bounds")
+        return real_encode(processor, example, *args, **kwargs)
+
+    monkeypatch.setattr(prompting, "encode_example", encode_failing_on_row_2)
+    rows = scan_split(split, open_media=False).rows[:5]  # the scan's media checks off: all 5 reach the encoder
+    console = quiet()
+    cfg = EvalConfig(data=str(split), batch_size=5, max_new_tokens=4)
+    result = evaluate_rows(model, processor, rows, cfg, tmp_path / "p.jsonl", "base", console)
+    assert result.bad_rows == {"image_aspect_ratio": 1, "audio_too_short": 1, "encode_failed": 1}
+    assert result.n_rows == 2 and result.n_samples == 2 and result.to_dict()["n_bad_rows"] == 3
+    assert sorted(line["problem_id"] for line in read_lines(tmp_path / "p.jsonl")) == [3, 4]
+    warnings = [line for line in console.file.getvalue().splitlines() if "skipped row" in line]
+    assert len(warnings) == 3
+    assert "sample_0.png" in warnings[0] and "aspect ratio" in warnings[0]
+    assert "sample_1.wav" in warnings[1] and "too short" in warnings[1]
+    assert "problem_id 2" in warnings[2] and "IndexError" in warnings[2]
+
+    # Through `eval` itself the scan already rejects the first two; the summary JSON counts every skipped row.
+    monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
+    summary = run_eval(EvalConfig(data=str(split), out=str(tmp_path / "s.jsonl"), limit=5, max_new_tokens=4), console=quiet())
+    saved = json.loads(evaluate.summary_path(tmp_path / "s.jsonl").read_text())
+    for counted in (summary, saved):
+        assert counted["results"][0]["bad_rows"] == {"image_aspect_ratio": 1, "audio_too_short": 1, "encode_failed": 1}
+        assert counted["results"][0]["n_rows"] == 4  # --limit 5 takes usable rows 2-6; row 2 fails to encode
 
 
 def test_config_errors_are_clear(tmp_path):

@@ -13,7 +13,8 @@ import soundfile as sf
 from PIL import Image
 from rich.console import Console
 
-from echoink_lite.data import extract_answer, load_audio, load_image, scan_split
+from echoink_lite.answer_protocol import extract_answer
+from echoink_lite.data import load_audio, load_image, scan_split
 from echoink_lite.synth import (
     SYNTH_OPTIONS,
     SYNTH_QUESTION,
