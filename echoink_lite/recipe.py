@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 
 class RecipeError(ValueError):
@@ -27,7 +27,9 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in any number (a learning rate, a reward weight) is an error here,
+    # not NaN losses a few steps into the run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -152,7 +154,7 @@ class Recipe(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "Recipe":
+    def _cross_field_checks(self, info: ValidationInfo) -> "Recipe":
         g = self.grpo
         completions = g.prompts_per_step * g.group_size
         if completions % g.micro_batch_size:
@@ -175,6 +177,11 @@ class Recipe(_Section):
             )
         if not g.rewards:
             raise ValueError("grpo.rewards is empty: list at least one reward, e.g. {accuracy: 1.0, format: 1.0}")
+        if (info.context or {}).get("check_rewards", True):
+            for name in g.rewards:
+                problem = reward_problem(name)
+                if problem:
+                    raise ValueError(f"grpo.rewards['{name}']: {problem}")
         if self.quantization.quantize_lm_head and not self.quantization.load_in_4bit:
             raise ValueError("quantization.quantize_lm_head needs quantization.load_in_4bit: true")
         return self
@@ -222,6 +229,31 @@ class Recipe(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def reward_problem(name: str) -> str | None:
+    """Why a reward name cannot be used in a run, or None when it resolves to a callable.
+
+    Checked when the recipe is validated, so a typo fails in `recipes validate` and before the model loads,
+    not after minutes of loading. A user's own reward is imported here, as training would import it.
+    """
+    from .rewards import BUILTIN_REWARDS, RewardError, resolve_reward
+
+    if name in BUILTIN_REWARDS:
+        return None
+    builtins = ", ".join(BUILTIN_REWARDS)
+    if ":" not in name and "." not in name:
+        close = difflib.get_close_matches(name, list(BUILTIN_REWARDS), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return (f"unknown reward '{name}'{hint}; the built-ins are {builtins}, "
+                "and a reward of your own is written 'package.module:function'")
+    try:
+        resolve_reward(name)
+    except RewardError as err:
+        return " ".join(str(err).split())
+    except Exception as err:  # the user's module raised while importing (a SyntaxError, a failing import)
+        return f"importing reward '{name}' failed: {type(err).__name__}: {' '.join(str(err).split())}; fix that module"
+    return None
 
 
 def _is_non_math(key: str) -> bool:
@@ -311,33 +343,55 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
         else:
             lines.append(e["msg"].removeprefix("Value error, "))
+    if len(lines) == 1:
+        return f"{source}: invalid recipe: {lines[0]}"
     return f"{source}: invalid recipe:\n  - " + "\n  - ".join(lines)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", check_rewards: bool = True) -> Recipe:
+    """Validate a raw recipe dict. `check_rewards=False` skips importing the rewards (reading a finished run's
+    recipe where its reward module is not importable)."""
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"check_rewards": check_rewards})
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err, source)) from None
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML recipe file (safe loader), or a one-line RecipeError naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"{p} is a folder, not a recipe file; pass a .yaml file such as recipes/paper_24gb.yaml")
+    if not p.is_file():
+        raise RecipeError(f"recipe file {p} does not exist; see recipes/ for examples")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{p}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "save the recipe as UTF-8") from None
+    except OSError as err:
+        raise RecipeError(f"{p}: cannot read the recipe: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{p}: not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None or data == {}:
+        raise RecipeError(f"{p}: the recipe is empty; start from one in recipes/ (e.g. recipes/paper_24gb.yaml), "
+                          "`echoink-lite recipes explain` lists every key")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, check_rewards: bool = True) -> Recipe:
     """Read a YAML recipe (safe loader), apply overrides, validate. `path=None` starts from defaults."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe file {p} does not exist; see recipes/ for examples")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{p}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{p}: a recipe is a mapping of sections, got {type(data).__name__}")
-        source = str(p)
+        data = read_recipe_file(path)
+        source = str(path)
     data = apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, source)
+    return recipe_from_dict(data, source, check_rewards=check_rewards)
 
 
 def explain() -> list[tuple[str, str, str]]:
