@@ -163,3 +163,22 @@ def test_rewards_of_ones_own_resolve_and_the_check_can_be_skipped():
     assert list(r.grpo.rewards) == ["rewards_for_tests:char_diversity", "format"]
     skipped = recipe_from_dict({"grpo": {"rewards": {"gone_package:fn": 1.0}}}, check_rewards=False)
     assert skipped.grpo.rewards == {"gone_package:fn": 1.0}
+
+
+def test_every_key_names_its_trl_grpo_config_equivalent():
+    """Checked against the installed TRL (pinned in pyproject.toml), not from memory."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from echoink_lite.recipe import TRL_GRPO_CONFIG, explain
+
+    assert set(TRL_GRPO_CONFIG) == {key for key, *_ in explain()}
+    config_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    for key, (fields, text) in TRL_GRPO_CONFIG.items():
+        assert set(fields) <= config_fields, key
+        assert all(name in text for name in fields), key
+        assert fields or text.startswith("none"), f"{key}: a key without a GRPOConfig field says so"
+    assert TRL_GRPO_CONFIG["grpo.group_size"][1] == "num_generations"
+    assert TRL_GRPO_CONFIG["generation.max_completion_tokens"][1] == "max_completion_length"
+    assert "max_prompt_length" not in config_fields  # why generation.max_prompt_tokens has none
