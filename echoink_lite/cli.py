@@ -140,7 +140,11 @@ def cmd_data_synth(args) -> int:
 def cmd_plot(args) -> int:
     from .metrics import plot_run
 
-    print(plot_run(args.run_dir, args.out))
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except OSError as err:  # no metrics.jsonl (the message names the file), or an unwritable --out
+        print(f"echoink-lite plot: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
