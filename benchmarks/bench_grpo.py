@@ -22,7 +22,7 @@ What runs (nothing is downloaded):
    times are scaled back up to the recipe's prompts per step for the projection), no validation, and the
    paths of the synthetic model, data and run folder.
 4. With --baselines: the same workload through stock TRL `GRPOTrainer` (images only: stock TRL cannot carry
-   the audio into the loss forward, see the field notes) with PEFT LoRA and the same 4-bit weights, and
+   the audio into the loss forward: TRL 1.16's `_get_per_token_logps_and_entropies` takes image inputs only) with PEFT LoRA and the same 4-bit weights, and
    the kit with `quantization.load_in_4bit=false` (bf16 LoRA). Ratios against the kit's QLoRA run.
 
 Read from the training loop's metrics.jsonl (one line per step): rollout_time_s, train_time_s, step_time_s,
@@ -68,7 +68,8 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
 GIB = 2**30
 SCHEMA = "echoink-lite-bench/1"
 PAPER_TRAIN_ROWS = 4490
-# The special tokens of the real Qwen2.5-Omni tokenizer, at their real ids (field notes §3).
+# The special tokens of the real Qwen2.5-Omni tokenizer, at their real ids (the added tokens in
+# Qwen/Qwen2.5-Omni-7B's tokenizer_config.json on the Hub).
 QWEN_OMNI_SPECIAL = {
     151643: "<|endoftext|>", 151644: "<|im_start|>", 151645: "<|im_end|>", 151646: "<|AUDIO|>",
     151647: "<|audio_bos|>", 151648: "<|audio_eos|>", 151649: "<|box_end|>", 151650: "<|quad_start|>",
@@ -168,6 +169,7 @@ def build_random_thinker(out: Path, config: dict[str, Any], device: str, dtype: 
     import torch
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
+    from echoink_lite.modeling import torch_dtype
     from echoink_lite.tiny import _set_generation_defaults
 
     tmp = out.with_name(out.name + ".partial")
@@ -176,7 +178,7 @@ def build_random_thinker(out: Path, config: dict[str, Any], device: str, dtype: 
     tokenizer = bench_tokenizer()
     processor = bench_processor(tokenizer)
     cfg = Qwen2_5OmniThinkerConfig(**config)
-    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    tdtype = torch_dtype(dtype)
     t0 = time.time()
     torch.manual_seed(0)
     with torch.device(device):

@@ -12,7 +12,8 @@ One optimizer step (the paper's algorithm, EchoInk-R1 / R1-V):
   5. gradients all-reduced over processes, clipped, AdamW + scheduler step. One update per rollout, so
      no ratio clipping is needed (the ratio is exactly 1 in value; its gradient is the policy gradient).
 
-Why not TRL's GRPOTrainer: stock TRL drops the audio from the loss forward (field notes §3); fixing that
+Why not TRL's GRPOTrainer: stock TRL drops the audio from the loss forward (in TRL 1.16,
+`GRPOTrainer._get_per_token_logps_and_entropies` takes image inputs but no `input_features`); fixing that
 needs overrides of its input preparation and loss inputs, and the kit also needs atomic checkpoints on a
 timer, a resume that refuses changed recipes, non-finite step skipping, OOM reports that name the row and
 chunked completion-only log-probs. Those touch most of GRPOTrainer's internals, which change from minor
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from . import checkpoints as ckpt
 from .data import MediaError, Row, enforce_bad_fraction, load_example, scan_split
 from .metrics import MetricsWriter, plot_run
-from .modeling import add_lora, default_device, load_processor, load_thinker_from_recipe, multimodal_token_ids
+from .modeling import add_lora, default_device, load_processor, load_thinker_from_recipe, multimodal_token_ids, torch_dtype
 from .prompting import (
     Encoded, PromptTooLongError, collate, completion_mask, encode_example, generation_kwargs, to_device,
 )
@@ -265,7 +266,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     if dst.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-    float_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[recipe.model.dtype]
+    float_dtype = torch_dtype(recipe.model.dtype)
 
     # -- data: the same checks as `data check`; bad rows are counted, never silently skipped ----------
     scan = scan_split(recipe.data.train, open_media=True)
