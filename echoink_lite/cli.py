@@ -16,7 +16,7 @@ EPILOG = """examples:
   echoink-lite data synth data/synth                  # a synthetic set in the AVQA-R1-6K layout
   echoink-lite data check data/avqa/train --report bad.jsonl
   echoink-lite recipes validate recipes/*.yaml
-  echoink-lite plan recipes/paper_24gb.yaml --gpu-memory 24GB
+  echoink-lite plan recipes/paper_24gb.yaml --gpu-memory 12GB grpo.micro_batch_size=1   # key=value anywhere
   echoink-lite train recipes/paper_24gb.yaml data.train=data/avqa/train --resume auto
   echoink-lite eval --model Qwen/Qwen2.5-Omni-7B --adapter runs/paper-24gb/adapter --data data/avqa/valid --compare-base
   echoink-lite infer --model Qwen/Qwen2.5-Omni-7B --adapter runs/paper-24gb/adapter --audio a.wav --image i.jpg --question "..."

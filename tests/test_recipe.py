@@ -182,3 +182,11 @@ def test_every_key_names_its_trl_grpo_config_equivalent():
     assert TRL_GRPO_CONFIG["grpo.group_size"][1] == "num_generations"
     assert TRL_GRPO_CONFIG["generation.max_completion_tokens"][1] == "max_completion_length"
     assert "max_prompt_length" not in config_fields  # why generation.max_prompt_tokens has none
+
+
+def test_the_readme_lists_the_same_trl_equivalents():
+    from echoink_lite.recipe import TRL_GRPO_CONFIG
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [key for key, (_, text) in TRL_GRPO_CONFIG.items() if f"| `{key}` | {text} |" not in readme]
+    assert missing == []
