@@ -170,6 +170,7 @@ def build_random_thinker(out: Path, config: dict[str, Any], device: str, dtype: 
     import torch
     from transformers import Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
+    from echoink_lite.modeling import torch_dtype
     from echoink_lite.tiny import _set_generation_defaults
 
     tmp = out.with_name(out.name + ".partial")
@@ -178,7 +179,7 @@ def build_random_thinker(out: Path, config: dict[str, Any], device: str, dtype: 
     tokenizer = bench_tokenizer()
     processor = bench_processor(tokenizer)
     cfg = Qwen2_5OmniThinkerConfig(**config)
-    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    tdtype = torch_dtype(dtype)
     t0 = time.time()
     torch.manual_seed(0)
     with torch.device(device):

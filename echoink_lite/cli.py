@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import sys
+import textwrap
+from pathlib import Path
 
 EPILOG = """examples:
   echoink-lite demo                                   # offline end-to-end run on CPU (~10 min)
   echoink-lite data synth data/synth                  # a synthetic set in the AVQA-R1-6K layout
   echoink-lite data check data/avqa/train --report bad.jsonl
   echoink-lite recipes validate recipes/*.yaml
-  echoink-lite plan recipes/paper_24gb.yaml --gpu-memory 24GB
+  echoink-lite plan recipes/paper_24gb.yaml --gpu-memory 12GB grpo.micro_batch_size=1   # key=value anywhere
   echoink-lite train recipes/paper_24gb.yaml data.train=data/avqa/train --resume auto
   echoink-lite eval --model Qwen/Qwen2.5-Omni-7B --adapter runs/paper-24gb/adapter --data data/avqa/valid --compare-base
   echoink-lite infer --model Qwen/Qwen2.5-Omni-7B --adapter runs/paper-24gb/adapter --audio a.wav --image i.jpg --question "..."
@@ -22,7 +26,41 @@ EPILOG = """examples:
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="YAML recipe (see recipes/)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="override recipe fields, e.g. grpo.group_size=8")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override recipe fields, anywhere on the line, e.g. grpo.group_size=8")
+
+
+# `section.key=value`: a dotted recipe key (reward names may hold ':' and '-'), '=', then anything.
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[\w:\-]+)*=")
+
+
+def looks_like_override(token: str) -> bool:
+    """True for a `key=value` recipe override (and not an existing file whose name happens to hold '=')."""
+    return bool(_OVERRIDE.match(token)) and not Path(token).exists()
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line, taking `key=value` overrides anywhere on it.
+
+    argparse fills a `nargs="*"` positional from the first run of positionals only, so an override after an
+    option (`plan R --gpu-memory 12GB grpo.micro_batch_size=1`, the way the planner's advice gets pasted) is
+    left over. Left-over overrides join `args.overrides` for commands that take them; anything else is the
+    usual "unrecognized arguments" error.
+    """
+    args, extras = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    if takes_overrides and hasattr(args, "files"):  # `recipes validate FILE... key=value`
+        args.overrides = list(args.overrides) + [f for f in args.files if looks_like_override(f)]
+        args.files = [f for f in args.files if not looks_like_override(f)]
+        if not args.files:
+            parser.error("recipes validate: name at least one recipe file")
+    late = [x for x in extras if takes_overrides and looks_like_override(x)]
+    unknown = [x for x in extras if x not in late]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if late:
+        args.overrides = list(args.overrides) + late
+    return args
 
 
 def cmd_train(args) -> int:
@@ -36,36 +74,54 @@ def cmd_train(args) -> int:
 
 def cmd_recipes_validate(args) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from .recipe import RecipeError, load_recipe
 
-    console = Console()
+    console = Console(highlight=False, soft_wrap=True)
     failed = 0
     for path in args.files:
         try:
             r = load_recipe(path, args.overrides)
             d = r.derived()
-            console.print(f"[green]ok[/] {path}: {d['completions_per_step']} completions/step, "
-                          f"{d['micro_batches_per_step']} micro-batches of up to {min(r.grpo.micro_batch_size, r.grpo.group_size)}, "
-                          f"{d['decode_batches_per_step']} decode batch(es)/step")
         except RecipeError as err:
             failed += 1
-            console.print(f"[red]invalid[/] {err}")
+            console.print(f"[red]invalid[/] {escape(str(err))}")
+            continue
+        g, s = r.grpo, r.schedule
+        micro = min(g.micro_batch_size, g.group_size)
+        console.print(f"[green]ok[/] {escape(str(path))}: {g.prompts_per_step} prompts x {g.group_size} = "
+                      f"{d['completions_per_step']} completions/step in {d['micro_batches_per_step']} micro-batches "
+                      f"of up to {micro} (one group each), {d['decode_batches_per_step']} decode batch(es)/step")
+        cap = f", at most schedule.max_steps={s.max_steps}" if s.max_steps else ""
+        rows, note = r.train_rows()
+        if rows is None:
+            console.print(f"   steps: {s.epochs:g} epoch(s) x ceil(training rows / {g.prompts_per_step} prompts){cap}; "
+                          f"not counted: {escape(note)}")
+        else:
+            n = r.derived(rows)
+            console.print(f"   steps: {n['total_steps']} ({n['steps_per_epoch']} per epoch x {s.epochs:g} epoch(s){cap}); "
+                          f"{escape(note)}")
     return 1 if failed else 0
 
 
 def cmd_recipes_explain(args) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
+    """Every recipe key with its default, its TRL GRPOConfig counterpart and what it does. Names and defaults
+    are never cut: only the text wraps, to the terminal's width."""
     from .recipe import explain
 
-    t = Table(title="recipe fields")
-    for col in ("field", "default", "what it does"):
-        t.add_column(col)
-    for row in explain():
-        t.add_row(*row)
-    Console().print(t)
+    width = max(60, shutil.get_terminal_size((100, 24)).columns)
+    section = None
+    for key, default, trl, description in explain():
+        head = key.split(".")[0] if "." in key else ""
+        if head != section:
+            section = head
+            print(f"\n[{section}]" if section else "recipe keys (`echoink-lite recipes validate FILE` checks a recipe)")
+        print(textwrap.fill(f"{key} = {default}", width, subsequent_indent="      ", break_long_words=False,
+                            break_on_hyphens=False))
+        for text in (description, f"TRL GRPOConfig: {trl}"):
+            print(textwrap.fill(text, width, initial_indent="    ", subsequent_indent="    ",
+                                break_long_words=False, break_on_hyphens=False))
     return 0
 
 
@@ -84,7 +140,11 @@ def cmd_data_synth(args) -> int:
 def cmd_plot(args) -> int:
     from .metrics import plot_run
 
-    print(plot_run(args.run_dir, args.out))
+    try:
+        print(plot_run(args.run_dir, args.out))
+    except OSError as err:  # no metrics.jsonl (the message names the file), or an unwritable --out
+        print(f"echoink-lite plot: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -103,6 +163,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _add_group(sub, name: str, help: str):
+    """A command made of subcommands (`recipes`, `data`). Without one it lists them, rather than argparse's
+    'the following arguments are required: recipes_command'."""
+    group = sub.add_parser(name, help=help, description=help)
+    inner = group.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND", title="subcommands")
+
+    def list_subcommands(args) -> int:
+        lines = [f"{group.prog}: choose a subcommand:"]
+        lines += [f"  {group.prog} {choice}: {p.description}" for choice, p in inner.choices.items()]
+        print("\n".join(lines), file=sys.stderr)
+        return 2
+
+    group.set_defaults(func=list_subcommands)
+    return inner
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echoink-lite",
@@ -114,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline end-to-end demo on CPU: data, tiny model, warm start, GRPO, eval, merge, infer")
     p.add_argument("--out", default="demo_runs/demo", help="folder for everything the demo makes")
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, no learning expected)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the synthetic data, the tiny model, the warm start and GRPO (default 0, the README's run)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="GRPO training of LoRA adapters on the 4-bit thinker")
@@ -123,17 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="start even if the planner says the recipe does not fit the GPU")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("recipes", help="validate or explain recipes")
-    rsub = p.add_subparsers(dest="recipes_command", required=True)
-    v = rsub.add_parser("validate", help="check recipes (and overrides) and print derived numbers")
-    v.add_argument("files", nargs="+")
-    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value")
+    rsub = _add_group(sub, "recipes", "validate or explain recipes")
+    text = "check recipes (and overrides), print the derived batch numbers and, when data.train is readable, the steps"
+    v = rsub.add_parser("validate", help=text, description=text)
+    v.add_argument("files", nargs="+", metavar="FILE", help="YAML recipe(s), e.g. recipes/*.yaml; key=value overrides may follow")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
+                   help="override a recipe field in every FILE (repeatable; a bare key=value works too)")
     v.set_defaults(func=cmd_recipes_validate)
-    e = rsub.add_parser("explain", help="every recipe field with its default and description")
+    text = "every recipe key with its default, its TRL GRPOConfig equivalent and what it does"
+    e = rsub.add_parser("explain", help=text, description=text)
     e.set_defaults(func=cmd_recipes_explain)
 
-    p = sub.add_parser("data", help="check or synthesise AVQA-layout data")
-    dsub = p.add_subparsers(dest="data_command", required=True)
+    dsub = _add_group(sub, "data", "check or synthesise AVQA-layout data")
     c = dsub.add_parser(
         "check", help="read every row and file; report rejected rows (exit 1 if any)",
         description="Read every row, decode every audio and image file with the training caps, and check them "
@@ -144,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", help="split folder, its JSON list, or a JSON Lines file")
     c.add_argument("--report", help="write one JSON line per rejected row here (checked for writability first)")
     c.set_defaults(func=cmd_data_check)
-    s = dsub.add_parser("synth", help="write a synthetic audio+image multiple-choice set in the AVQA-R1-6K layout")
-    s.add_argument("out")
-    s.add_argument("--train", type=int, default=256)
-    s.add_argument("--valid", type=int, default=128)
-    s.add_argument("--seed", type=int, default=0)
+    text = "write a synthetic audio+image multiple-choice set in the AVQA-R1-6K layout"
+    s = dsub.add_parser("synth", help=text, description=text)
+    s.add_argument("out", help="folder to write; gets OUT/train and OUT/valid, each with its JSON, audios/ and images/")
+    s.add_argument("--train", type=int, default=256, metavar="N", help="training items (default 256)")
+    s.add_argument("--valid", type=int, default=128, metavar="M", help="validation items (default 128)")
+    s.add_argument("--seed", type=int, default=0, help="same seed, byte-identical files (default 0)")
     s.set_defaults(func=cmd_data_synth)
 
     from .evaluate import add_eval_arguments, eval_command
@@ -179,12 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=plan_command)
 
     p = sub.add_parser("plot", help="draw reward / accuracy / length curves of a run folder to a PNG")
-    p.add_argument("run_dir")
-    p.add_argument("--out", default=None)
+    p.add_argument("run_dir", help="a run folder written by `train` (holds metrics.jsonl)")
+    p.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/curves.png)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("tiny", help="build the offline tiny Qwen2.5-Omni model folder (for tests and trials)")
-    p.add_argument("out")
+    p.add_argument("out", help="folder to write the model, tokenizer and processor to")
     p.add_argument("--full", action="store_true", help="a complete Omni model (thinker + talker + token2wav)")
     p.set_defaults(func=cmd_tiny)
     return parser
@@ -192,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     from .checkpoints import ResumeError
     from .data import DataError
     from .grpo import TrainingError

@@ -39,13 +39,13 @@ import torch.distributed as dist
 
 from . import checkpoints as ckpt
 from .console import make_console, print_plan, print_step, progress_bar, warn_on_metrics
-from .data import MediaError, Row, enforce_bad_fraction, load_example, scan_split
+from .data import Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .distributed import Dist, setup_dist
 from .loss import completion_logps, group_advantages, grpo_loss
 from .metrics import MetricsWriter, plot_run
 from .modeling import add_lora, load_processor, load_thinker_from_recipe, multimodal_token_ids, torch_dtype
 from .preflight import check_memory_fits, preflight_longest_prompts
-from .prompting import Encoded, PromptTooLongError, encode_example
+from .prompting import Encoded, PromptTooLongError, encode_row
 from .recipe import Recipe, changed_math_fields
 from .rewards import compute_rewards, resolve_rewards
 from .rollout import RolloutEngine, SamplingParams
@@ -312,16 +312,16 @@ def step_prompts(run: Run, step: int) -> tuple[list[Row], list[Encoded]]:
         seen.add(i)
         row = run.rows[i]
         try:
-            ex = load_example(row, recipe.data.max_audio_seconds, recipe.data.max_pixels)
-            chosen.append((row, encode_example(run.processor, ex, recipe.generation.max_prompt_tokens)))
-        except (MediaError, PromptTooLongError, ValueError, RuntimeError, OSError) as err:
+            chosen.append((row, encode_row(run.processor, row, max_audio_seconds=recipe.data.max_audio_seconds,
+                                           max_pixels=recipe.data.max_pixels,
+                                           max_prompt_tokens=recipe.generation.max_prompt_tokens)))
+        except RowEncodeError as err:
             bad.add(i)
             run.counters["bad_rows"].append(i)
             run.counters["skipped_rows"] += 1
             if dst.main:
-                first = str(err).splitlines()[0] if str(err) else type(err).__name__
-                run.console.print(f"[yellow]skipped row problem_id={row.problem_id} at step {step + 1} "
-                                  f"(replaced by the next row of the data order): {first}[/]", highlight=False)
+                run.console.print(f"[yellow]step {step + 1}: skipped ({err.reason}), replaced by the next row of the data "
+                                  f"order: {err}[/]", highlight=False, markup=False)
     mine = chosen[dst.rank:: dst.world]
     return [r for r, _ in mine], [e for _, e in mine]
 

@@ -2,7 +2,7 @@
 
 ``echoink-lite merge --adapter DIR --out DIR [--base ID_OR_PATH] [--format thinker|full] [--dtype bf16|fp16|fp32]``
 
-Why it is done this way (field notes §3, §4 item 9):
+Why it is done this way:
 
 - **Never into 4-bit weights.** Merging into the NF4 model that was trained re-quantizes the sum (worst
   error). The adapter is merged into the base checkpoint's own (bf16) weights instead: for every LoRA target
@@ -21,7 +21,8 @@ Why it is done this way (field notes §3, §4 item 9):
 - **Full format**: a complete Qwen2.5-Omni (needs a full base): thinker merged, ``talker.*`` and
   ``token2wav.*`` copied **bit for bit in their stored dtype** (they are not trained here, so casting them
   could only lose information; at the base's own dtype the whole folder is in that dtype), and
-  ``spk_dict.pt`` copied (peers lose it, §4 item 9).
+  ``spk_dict.pt`` copied (other tools' saved Omni models lack it and then fail to load: HarryHsing/EchoInk
+  issue 1, hiyouga/LLaMA-Factory issue 7821).
 - **Refuse early.** The adapter's LoRA shapes are checked against the base config and the base shard
   headers before anything is written: a mismatched base is named with the sizes that differ and the fix.
 - **Verify** (default on): reload with the standard transformers classes, compare logits on fixed
@@ -46,8 +47,10 @@ from typing import Any
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+from .modeling import TORCH_DTYPES
+
 DTYPE_CONFIG_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = {short: TORCH_DTYPES[name] for short, name in DTYPE_CONFIG_NAMES.items()}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
 
 # Logit tolerance of the verification: max |merged - (base + adapter)| <= atol + rtol * max |reference|.

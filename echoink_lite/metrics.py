@@ -8,6 +8,7 @@ consistent history. `echoink-lite plot RUN_DIR` redraws `curves.png` from it at 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -63,35 +64,100 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Reward, accuracy, format and completion-length curves to a PNG."""
+def smooth(values: list[float | None], window: int) -> list[float]:
+    """Trailing mean over the last `window` logged values (missing ones skipped); NaN where none exists yet."""
+    out = []
+    for i in range(len(values)):
+        recent = [v for v in values[max(0, i - window + 1):i + 1] if v is not None and math.isfinite(v)]
+        out.append(sum(recent) / len(recent) if recent else float("nan"))
+    return out
+
+
+def _run_recipe(run_dir: Path) -> dict[str, Any]:
+    """The run's saved recipe.yaml as a plain dict ({} when absent or unreadable: the plot does not need it)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def draw_curves(rows: list[dict[str, Any]], recipe: dict[str, Any], run_name: str):
+    """The run's curves as a matplotlib Figure: total reward, sampled training accuracy and format rate,
+    completion length, and the fraction of groups that carry no learning signal. Each panel shows the raw
+    per-step value and a smoothed line over it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(run_dir)
-    out = Path(out) if out else Path(run_dir) / "curves.png"
-    steps = [r["step"] for r in rows]
+    grpo, gen = recipe.get("grpo") or {}, recipe.get("generation") or {}
+    weights = grpo.get("rewards") or {}
+    try:
+        terms = " + ".join(f"{float(w):g} x {name}" for name, w in weights.items())
+        # each built-in reward is 0 or 1 per completion, so the total's maximum is the sum of the weights
+        builtin = bool(weights) and set(weights) <= {"accuracy", "format"}
+        reward_max = sum(max(0.0, float(w)) for w in weights.values()) if builtin else None
+    except (TypeError, ValueError, AttributeError):  # a hand-edited recipe.yaml: draw without the maximum
+        terms, reward_max = "", None
+    sampling = f"temperature {gen.get('temperature', '?')}, top_p {gen.get('top_p', '?')}" if gen else "sampled"
+
+    steps = [r.get("step") for r in rows]
+    window = max(3, len(rows) // 10)
     panels = [
-        ("reward (total)", ["reward"]),
-        ("accuracy / format", ["accuracy", "format_rate"]),
-        ("completion length (tokens)", ["completion_length"]),
-        ("groups with no signal", ["zero_std_fraction"]),
+        ("total reward" + (f" (max {reward_max:g} = {terms})" if reward_max is not None else (f" ({terms})" if terms else "")),
+         "mean reward per completion", [("reward", "reward")], reward_max),
+        (f"sampled TRAINING accuracy and format ({sampling})", "fraction of completions",
+         [("accuracy", "accuracy on training prompts"), ("format_rate", "format correct")], 1.0),
+        ("completion length", "tokens per completion", [("completion_length", "mean length")], None),
+        ("groups with identical rewards (advantage 0: no learning signal)", "fraction of prompts' groups",
+         [("zero_std_fraction", "every completion of the prompt got the same reward")], 1.0),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for k in keys:
-            ys = [r.get(k) for r in rows]
-            if any(y is not None for y in ys):
-                ax.plot(steps, [y if y is not None else float("nan") for y in ys], label=k)
-        ax.set_title(title)
-        ax.set_xlabel("step")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for ax, (title, ylabel, series, top) in zip(axes.flat, panels):
+        for i, (key, label) in enumerate(series):
+            ys = [r.get(key) for r in rows]
+            if not any(y is not None for y in ys):
+                continue
+            color = f"C{i}"
+            ax.plot(steps, [y if y is not None else float("nan") for y in ys], color=color, alpha=0.3, lw=1,
+                    label=f"{label}, per step")
+            ax.plot(steps, smooth(ys, window), color=color, lw=2, label=f"{label}, mean of last {window} steps")
+        if top is not None:
+            ax.axhline(top, color="grey", ls="--", lw=0.8)
+        if top == 1.0:  # a fraction
+            ax.set_ylim(-0.02, 1.05)
+        ax.set_title(title, fontsize=9.5)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(keys) > 1 and ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.suptitle(f"echoink-lite run: {Path(run_dir).name}")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7.5)
+        else:
+            ax.text(0.5, 0.5, "no steps logged yet", ha="center", va="center", transform=ax.transAxes)
+    recipe_line = recipe.get("description") or "recipe.yaml not found in the run folder"
+    if grpo:
+        recipe_line += (f"\n{grpo.get('prompts_per_step')} prompts x {grpo.get('group_size')} completions per step, "
+                        f"lr {(recipe.get('schedule') or {}).get('learning_rate')}, KL beta {grpo.get('beta')}")
+    fig.suptitle(f"{run_name}: {recipe_line}", fontsize=10.5)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    return fig
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw the curves of a run folder (its metrics.jsonl and recipe.yaml) to a PNG; returns its path."""
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    recipe = _run_recipe(run_dir)
+    run_name = (recipe.get("logging") or {}).get("run_name") or run_dir.resolve().name
+    out = Path(out) if out else run_dir / "curves.png"
+    fig = draw_curves(rows, recipe, run_name)
+    try:
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
     return out

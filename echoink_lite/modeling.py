@@ -24,11 +24,13 @@ import torch
 from transformers import Qwen2_5OmniProcessor
 from transformers.processing_utils import ProcessorMixin
 
-# Multimodal markers a rollout must never sample: a sampled one breaks the loss forward (field notes §3).
+# Multimodal markers a rollout must never sample: a sampled one crashes the loss forward over that completion
+# ("418 is not in list", index out of bounds), seen within a few GRPO steps on the tiny model.
 MULTIMODAL_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>"]
 LLM_LAYER_PREFIX = r"model\.language_model\.layers\.\d+"
-# Module-name prefixes kept out of 4-bit. bitsandbytes matches from the start of the name, so the
-# full path is needed: "audio_tower" alone is silently ignored (field notes §3).
+# Module-name prefixes kept out of 4-bit. transformers matches `llm_int8_skip_modules` from the start of the
+# module name or as its suffix (`quantizers_utils.should_convert_module`, transformers 5.23), so the full path
+# is needed: "audio_tower" alone is silently ignored.
 AUDIO_TOWER, VISION_TOWER, LM_HEAD = "model.audio_tower", "model.visual", "lm_head"
 
 _TOKEN_ATTRS = [
@@ -151,8 +153,12 @@ def resolve_thinker_config(name_or_path: str, revision: str | None = None):
     )
 
 
+# The kit's one map from a dtype name (recipes, `--dtype`) to torch's dtype.
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def torch_dtype(name: str) -> torch.dtype:
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return TORCH_DTYPES[name]
 
 
 def default_device() -> torch.device:
@@ -279,10 +285,6 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
 
 
-def lora_parameters(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if "lora_" in n}
-
-
 def multimodal_token_ids(tokenizer) -> list[int]:
     ids = []
     for tok in MULTIMODAL_TOKENS:
@@ -290,9 +292,3 @@ def multimodal_token_ids(tokenizer) -> list[int]:
         if isinstance(i, int) and i != tokenizer.unk_token_id:
             ids.append(i)
     return ids
-
-
-def count_parameters(model) -> dict[str, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return {"trainable": trainable, "total": total}

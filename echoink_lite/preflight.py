@@ -6,8 +6,8 @@ read or encoded are not judged here: the training loop skips, counts and replace
 
 from __future__ import annotations
 
-from .data import MediaError, Row, load_example
-from .prompting import PromptTooLongError, encode_example
+from .data import Row, RowEncodeError
+from .prompting import PromptTooLongError, encode_row
 from .recipe import Recipe
 
 
@@ -38,12 +38,13 @@ def preflight_longest_prompts(rows: list[Row], processor, recipe: Recipe, k: int
     longest = 0
     for r in picks.values():
         try:
-            ex = load_example(r, recipe.data.max_audio_seconds, recipe.data.max_pixels)
-            longest = max(longest, encode_example(processor, ex, recipe.generation.max_prompt_tokens).length)
+            enc = encode_row(processor, r, max_audio_seconds=recipe.data.max_audio_seconds,
+                             max_pixels=recipe.data.max_pixels, max_prompt_tokens=recipe.generation.max_prompt_tokens)
         except PromptTooLongError:
             raise
-        except (MediaError, ValueError, RuntimeError, OSError):
+        except RowEncodeError:
             continue  # skipped, counted and replaced when the training loop reaches the row
+        longest = max(longest, enc.length)
     return longest
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 
 class RecipeError(ValueError):
@@ -27,7 +27,9 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in any number (a learning rate, a reward weight) is an error here,
+    # not NaN losses a few steps into the run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -155,7 +157,7 @@ class Recipe(_Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
 
     @model_validator(mode="after")
-    def _cross_field_checks(self) -> "Recipe":
+    def _cross_field_checks(self, info: ValidationInfo) -> "Recipe":
         g = self.grpo
         if g.micro_batch_size < g.group_size and g.group_size % g.micro_batch_size:
             raise ValueError(
@@ -177,6 +179,11 @@ class Recipe(_Section):
             )
         if not g.rewards:
             raise ValueError("grpo.rewards is empty: list at least one reward, e.g. {accuracy: 1.0, format: 1.0}")
+        if (info.context or {}).get("check_rewards", True):
+            for name in g.rewards:
+                problem = reward_problem(name)
+                if problem:
+                    raise ValueError(f"grpo.rewards['{name}']: {problem}")
         if self.quantization.quantize_lm_head and not self.quantization.load_in_4bit:
             raise ValueError("quantization.quantize_lm_head needs quantization.load_in_4bit: true")
         return self
@@ -214,6 +221,24 @@ class Recipe(_Section):
             out["total_steps"] = min(total, self.schedule.max_steps) if self.schedule.max_steps else total
         return out
 
+    def train_rows(self) -> tuple[int | None, str]:
+        """(usable training rows, where the number comes from), reading `data.train` without opening media;
+        (None, why) when the split cannot be read. The steps of a run need this number."""
+        from .data import DataError, scan_split
+
+        train = Path(self.data.train)
+        if not train.exists():
+            return None, f"{train} not found"
+        try:
+            n = len(scan_split(train, open_media=False).rows)
+        except (DataError, OSError) as err:
+            return None, f"cannot read {train}: {' '.join(str(err).split())}"
+        note = f"{n} usable rows in {train} (media files not opened)"
+        if self.data.limit_train_rows and self.data.limit_train_rows < n:
+            n = self.data.limit_train_rows
+            note += f", limited to {n} by data.limit_train_rows"
+        return n, note
+
     def math_dict(self) -> dict[str, Any]:
         """The recipe without fields that cannot change the math (used for the resume hash)."""
         flat = flatten(self.model_dump(mode="json"))
@@ -224,6 +249,31 @@ class Recipe(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def reward_problem(name: str) -> str | None:
+    """Why a reward name cannot be used in a run, or None when it resolves to a callable.
+
+    Checked when the recipe is validated, so a typo fails in `recipes validate` and before the model loads,
+    not after minutes of loading. A user's own reward is imported here, as training would import it.
+    """
+    from .rewards import BUILTIN_REWARDS, RewardError, resolve_reward
+
+    if name in BUILTIN_REWARDS:
+        return None
+    builtins = ", ".join(BUILTIN_REWARDS)
+    if ":" not in name and "." not in name:
+        close = difflib.get_close_matches(name, list(BUILTIN_REWARDS), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return (f"unknown reward '{name}'{hint}; the built-ins are {builtins}, "
+                "and a reward of your own is written 'package.module:function'")
+    try:
+        resolve_reward(name)
+    except RewardError as err:
+        return " ".join(str(err).split())
+    except Exception as err:  # the user's module raised while importing (a SyntaxError, a failing import)
+        return f"importing reward '{name}' failed: {type(err).__name__}: {' '.join(str(err).split())}; fix that module"
+    return None
 
 
 def _is_non_math(key: str) -> bool:
@@ -313,37 +363,129 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
         else:
             lines.append(e["msg"].removeprefix("Value error, "))
+    if len(lines) == 1:
+        return f"{source}: invalid recipe: {lines[0]}"
     return f"{source}: invalid recipe:\n  - " + "\n  - ".join(lines)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "<dict>") -> Recipe:
+def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", check_rewards: bool = True) -> Recipe:
+    """Validate a raw recipe dict. `check_rewards=False` skips importing the rewards (reading a finished run's
+    recipe where its reward module is not importable)."""
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(data, context={"check_rewards": check_rewards})
     except ValidationError as err:
         raise RecipeError(_format_validation_error(err, source)) from None
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML recipe file (safe loader), or a one-line RecipeError naming the file."""
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"{p} is a folder, not a recipe file; pass a .yaml file such as recipes/paper_24gb.yaml")
+    if not p.is_file():
+        raise RecipeError(f"recipe file {p} does not exist; see recipes/ for examples")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{p}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start}); "
+                          "save the recipe as UTF-8") from None
+    except OSError as err:
+        raise RecipeError(f"{p}: cannot read the recipe: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{p}: not valid YAML: {' '.join(str(err).split())}") from None
+    if data is None or data == {}:
+        raise RecipeError(f"{p}: the recipe is empty; start from one in recipes/ (e.g. recipes/paper_24gb.yaml), "
+                          "`echoink-lite recipes explain` lists every key")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: a recipe is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None, check_rewards: bool = True) -> Recipe:
     """Read a YAML recipe (safe loader), apply overrides, validate. `path=None` starts from defaults."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RecipeError(f"recipe file {p} does not exist; see recipes/ for examples")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise RecipeError(f"{p}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise RecipeError(f"{p}: a recipe is a mapping of sections, got {type(data).__name__}")
-        source = str(p)
+        data = read_recipe_file(path)
+        source = str(path)
     data = apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, source)
+    return recipe_from_dict(data, source, check_rewards=check_rewards)
 
 
-def explain() -> list[tuple[str, str, str]]:
-    """(field, default, description) for every field: the recipe reference."""
+# ---- the recipe reference ------------------------------------------------------------------------
+# Each key's counterpart in TRL's `GRPOConfig` (trl 1.16, the version pinned in pyproject.toml), for people
+# who know that trainer: (GRPOConfig fields named, text shown by `recipes explain` and in the README).
+# Keys without a GRPOConfig field say "none" and, where one exists, where TRL takes the setting instead.
+# tests/test_recipe.py checks every key is listed and every named field exists in the installed GRPOConfig.
+_NONE = ()
+TRL_GRPO_CONFIG: dict[str, tuple[tuple[str, ...], str]] = {
+    "description": (_NONE, "none"),
+    "model.name_or_path": (_NONE, "none; GRPOTrainer(model=...)"),
+    "model.revision": (("model_init_kwargs",), 'model_init_kwargs["revision"]'),
+    "model.dtype": (("bf16", "fp16", "model_init_kwargs"), 'bf16 / fp16, model_init_kwargs["dtype"]'),
+    "model.attn_implementation": (("model_init_kwargs",), 'model_init_kwargs["attn_implementation"]'),
+    "model.gradient_checkpointing": (("gradient_checkpointing",), "gradient_checkpointing"),
+    "quantization.load_in_4bit": (_NONE, "none; GRPOTrainer(quantization_config=BitsAndBytesConfig(load_in_4bit=True))"),
+    "quantization.quant_type": (_NONE, "none; BitsAndBytesConfig(bnb_4bit_quant_type=...)"),
+    "quantization.double_quant": (_NONE, "none; BitsAndBytesConfig(bnb_4bit_use_double_quant=...)"),
+    "quantization.quantize_audio_tower": (_NONE, "none; BitsAndBytesConfig(llm_int8_skip_modules=[...])"),
+    "quantization.quantize_vision_tower": (_NONE, "none; BitsAndBytesConfig(llm_int8_skip_modules=[...])"),
+    "quantization.quantize_lm_head": (_NONE, "none; BitsAndBytesConfig(llm_int8_skip_modules=[...])"),
+    "lora.r": (_NONE, "none; GRPOTrainer(peft_config=LoraConfig(r=...))"),
+    "lora.alpha": (_NONE, "none; LoraConfig(lora_alpha=...)"),
+    "lora.dropout": (_NONE, "none; LoraConfig(lora_dropout=...)"),
+    "lora.target_modules": (_NONE, "none; LoraConfig(target_modules=...)"),
+    "data.train": (_NONE, "none; GRPOTrainer(train_dataset=...)"),
+    "data.valid": (_NONE, "none; GRPOTrainer(eval_dataset=...)"),
+    "data.max_audio_seconds": (_NONE, "none"),
+    "data.max_pixels": (_NONE, "none; the processor's image max_pixels"),
+    "data.max_bad_fraction": (_NONE, "none"),
+    "data.limit_train_rows": (_NONE, "none"),
+    "data.limit_valid_rows": (_NONE, "none"),
+    "grpo.prompts_per_step": (
+        ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations"),
+        "none; per_device_train_batch_size x processes x gradient_accumulation_steps / num_generations",
+    ),
+    "grpo.group_size": (("num_generations",), "num_generations"),
+    "grpo.micro_batch_size": (("per_device_train_batch_size",), "per_device_train_batch_size"),
+    "grpo.rollout_batch_size": (("generation_batch_size",),
+                                "none; generation_batch_size also spreads one generation over several steps"),
+    "grpo.beta": (("beta",), "beta (TRL's default is 0.0)"),
+    "grpo.loss_type": (("loss_type",), "loss_type: sequence = 'grpo', token = 'dapo'"),
+    "grpo.advantage_eps": (("scale_rewards",), "none; TRL adds a fixed 1e-4 to the std (scale_rewards='group')"),
+    "grpo.rewards": (("reward_weights",), "GRPOTrainer(reward_funcs=...) with reward_weights"),
+    "grpo.logprob_chunk_tokens": (_NONE, "none"),
+    "grpo.max_nonfinite_steps": (_NONE, "none"),
+    "generation.max_prompt_tokens": (_NONE, "none (TRL 1.16 has no max_prompt_length)"),
+    "generation.max_completion_tokens": (("max_completion_length",), "max_completion_length"),
+    "generation.temperature": (("temperature",), "temperature"),
+    "generation.top_p": (("top_p",), "top_p (TRL's default is 1.0)"),
+    "generation.top_k": (("top_k",), "top_k (TRL's default is 0)"),
+    "schedule.learning_rate": (("learning_rate",), "learning_rate"),
+    "schedule.lr_scheduler": (("lr_scheduler_type",), "lr_scheduler_type"),
+    "schedule.warmup_steps": (("warmup_steps",), "warmup_steps"),
+    "schedule.weight_decay": (("weight_decay",), "weight_decay"),
+    "schedule.adam_beta1": (("adam_beta1",), "adam_beta1"),
+    "schedule.adam_beta2": (("adam_beta2",), "adam_beta2"),
+    "schedule.max_grad_norm": (("max_grad_norm",), "max_grad_norm"),
+    "schedule.epochs": (("num_train_epochs",), "num_train_epochs"),
+    "schedule.max_steps": (("max_steps",), "max_steps"),
+    "schedule.seed": (("seed",), "seed"),
+    "checkpoint.output_dir": (("output_dir",), "output_dir"),
+    "checkpoint.save_every_steps": (("save_steps",), "save_steps"),
+    "checkpoint.save_every_minutes": (_NONE, "none"),
+    "checkpoint.keep_last": (("save_total_limit",), "save_total_limit"),
+    "logging.run_name": (("run_name",), "run_name"),
+    "logging.report_to": (("report_to",), "report_to"),
+    "logging.log_completions_every": (("log_completions", "logging_steps"), "log_completions with logging_steps"),
+    "logging.progress": (("disable_tqdm",), "disable_tqdm (inverted)"),
+}
+
+
+def explain() -> list[tuple[str, str, str, str]]:
+    """(field, default, TRL GRPOConfig equivalent, description) for every field: the recipe reference."""
     rows = []
 
     def walk(model: type[BaseModel], inst: BaseModel, prefix: str) -> None:
@@ -352,7 +494,8 @@ def explain() -> list[tuple[str, str, str]]:
             if isinstance(val, BaseModel):
                 walk(type(val), val, f"{prefix}{name}.")
             else:
-                rows.append((f"{prefix}{name}", json.dumps(val), info.description or ""))
+                key = f"{prefix}{name}"
+                rows.append((key, json.dumps(val), TRL_GRPO_CONFIG.get(key, (_NONE, "none"))[1], info.description or ""))
 
     walk(Recipe, Recipe(), "")
     return rows

@@ -255,19 +255,19 @@ def test_a_row_that_fails_to_encode_is_skipped_counted_and_replaced(tiny_model_d
     rows = grpo.scan_split(recipe.data.train).rows
     steps = grpo.data_schedule(len(rows), recipe.grpo.prompts_per_step, 2, recipe.schedule.seed)
     broken = rows[steps[1][0]].problem_id  # the first prompt of step 2
-    real_encode, real_generate = grpo.encode_example, RolloutEngine.generate
+    real_encode, real_generate = grpo.encode_row, RolloutEngine.generate
     prompts_per_call = []
 
-    def encode(processor, ex, *a, **kw):
-        if ex.row.problem_id == broken:
-            raise ValueError("absolute aspect ratio must be smaller than 200, got 300.0")
-        return real_encode(processor, ex, *a, **kw)
+    def encode(processor, row, **kw):
+        if row.problem_id == broken:
+            raise grpo.RowEncodeError("encode_failed", f"row {row.index}: the processor cannot encode it (test)", row.problem_id)
+        return real_encode(processor, row, **kw)
 
     def generate(self, prompts, group_size, *a, **kw):
         prompts_per_call.append(len(prompts))
         return real_generate(self, prompts, group_size, *a, **kw)
 
-    monkeypatch.setattr(grpo, "encode_example", encode)
+    monkeypatch.setattr(grpo, "encode_row", encode)
     monkeypatch.setattr(RolloutEngine, "generate", generate)
     res = train(recipe)
     assert res.steps_done == 2 and res.skipped_rows == 1

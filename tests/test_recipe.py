@@ -100,3 +100,94 @@ def test_math_fields_and_resume_hash():
     assert changed_math_fields(a.math_dict(), b) == []
     assert a.math_hash() != c.math_hash()
     assert changed_math_fields(a.math_dict(), c) == ["grpo.beta: 0.001 -> 0.0"]
+
+
+@pytest.mark.parametrize(
+    "text, overrides, key",
+    [
+        ("schedule:\n  learning_rate: .inf\n", [], "schedule.learning_rate"),
+        ("grpo:\n  beta: .nan\n", [], "grpo.beta"),
+        ("grpo:\n  rewards: {accuracy: .inf, format: 1.0}\n", [], "grpo.rewards.accuracy"),
+        ("grpo:\n  group_size: 8\n", ["schedule.max_grad_norm=inf"], "schedule.max_grad_norm"),
+        ("grpo:\n  group_size: 8\n", ["data.max_audio_seconds=nan"], "data.max_audio_seconds"),
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path, text, overrides, key):
+    """`learning_rate: .inf` used to validate, then the loss was NaN at step 2."""
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p, overrides)
+    assert f"{key}: Input should be a finite number" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n", "{}\n"])
+def test_an_empty_recipe_file_is_an_error(tmp_path, text):
+    p = tmp_path / "empty.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match="the recipe is empty; start from one in recipes/"):
+        load_recipe(p)
+
+
+def test_a_non_utf8_recipe_is_a_one_line_error(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("description: \"caf\xe9\"\ngrpo:\n  group_size: 8\n".encode("latin-1"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    assert str(err.value) == f"{p}: not UTF-8 text (byte 0xe9 at offset 17); save the recipe as UTF-8"
+
+
+def test_a_folder_is_not_a_recipe(tmp_path):
+    with pytest.raises(RecipeError, match="is a folder, not a recipe file"):
+        load_recipe(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("accuraccy", "grpo.rewards['accuraccy']: unknown reward 'accuraccy' (did you mean 'accuracy'?); "
+                      "the built-ins are accuracy, format"),
+        ("no_such_package.rewards:fn", "cannot import reward 'no_such_package.rewards:fn'"),
+        ("rewards_for_tests:no_such_function", "cannot import reward 'rewards_for_tests:no_such_function'"),
+        ("math:pi", "reward 'math:pi' is not callable"),
+    ],
+)
+def test_unusable_reward_names_fail_when_the_recipe_is_validated(name, message):
+    """Not after the model has loaded: the recipe itself names the key and the fix."""
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"grpo": {"rewards": {name: 1.0}}}, "r.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_rewards_of_ones_own_resolve_and_the_check_can_be_skipped():
+    r = recipe_from_dict({"grpo": {"rewards": {"rewards_for_tests:char_diversity": 1.0, "format": 0.5}}})
+    assert list(r.grpo.rewards) == ["rewards_for_tests:char_diversity", "format"]
+    skipped = recipe_from_dict({"grpo": {"rewards": {"gone_package:fn": 1.0}}}, check_rewards=False)
+    assert skipped.grpo.rewards == {"gone_package:fn": 1.0}
+
+
+def test_every_key_names_its_trl_grpo_config_equivalent():
+    """Checked against the installed TRL (pinned in pyproject.toml), not from memory."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from echoink_lite.recipe import TRL_GRPO_CONFIG, explain
+
+    assert set(TRL_GRPO_CONFIG) == {key for key, *_ in explain()}
+    config_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
+    for key, (fields, text) in TRL_GRPO_CONFIG.items():
+        assert set(fields) <= config_fields, key
+        assert all(name in text for name in fields), key
+        assert fields or text.startswith("none"), f"{key}: a key without a GRPOConfig field says so"
+    assert TRL_GRPO_CONFIG["grpo.group_size"][1] == "num_generations"
+    assert TRL_GRPO_CONFIG["generation.max_completion_tokens"][1] == "max_completion_length"
+    assert "max_prompt_length" not in config_fields  # why generation.max_prompt_tokens has none
+
+
+def test_the_readme_lists_the_same_trl_equivalents():
+    from echoink_lite.recipe import TRL_GRPO_CONFIG
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [key for key, (_, text) in TRL_GRPO_CONFIG.items() if f"| `{key}` | {text} |" not in readme]
+    assert missing == []
