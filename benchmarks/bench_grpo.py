@@ -675,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
     t_start = time.time()
+    import echoink_lite  # noqa: F401  (sets the CUDA allocator's expandable segments before CUDA starts)
     import torch
     from rich.console import Console
 
@@ -840,8 +841,8 @@ def bench_recipe(args, recipe_file: str, cap_gb: float | None, device: str, work
                 result["runs"].append({"name": name, "kind": "kit" if fn is run_kit else "trl", "status": "skipped",
                                        "error": "time budget"})
             save()
+            print_report(result, console)
     save()
-    print_report(result, console)
     console.print(f"report: {out}  ({time.time() - t_start:.0f} s since start)")
     first = result["runs"][0] if result["runs"] else {}
     return out, first.get("status") == "ok"
