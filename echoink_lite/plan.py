@@ -85,8 +85,9 @@ NOGRAD_H, NOGRAD_I = 4.0, 5.0
 LOGPROB_FP32_COPIES = 3
 DECODE_FP32_COPIES = 4  # decode step: logits, temperature-scaled logits, their log-softmax, the filtered copy
 # Memory the caching allocator holds beyond its allocated peak, as a fraction of that peak. Measured on one
-# H100 (2026-11-26) at 0.30 without expandable segments (16.03 GB reserved for 12.37 GB allocated); the kit
-# now turns expandable segments on (echoink_lite/__init__.py), which this value assumes.
+# H100 (2026-11-26, benchmarks/results/): 0.30 without expandable segments (16.03 GB reserved for 12.37 GB
+# allocated), 0.05 with them (19.73 GB for 18.80 GB, paper_24gb.yaml under a 24 GB cap). The kit turns
+# expandable segments on (echoink_lite/__init__.py).
 ALLOCATOR_RESERVE_FRACTION = 0.05
 
 NF4_BLOCK = 64
