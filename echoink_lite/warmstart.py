@@ -36,7 +36,11 @@ def random_letter_target(true_letter: str, rng: random.Random) -> str:
 
 def warm_start(base_dir: str | Path, train_split: str | Path, out_dir: str | Path, steps: int = 250, batch_size: int = 32,
                lr: float = 1e-3, seed: int = 0, max_audio_seconds: float = 1.0, console=None) -> Path:
-    """Full fine-tune of a small fp32 thinker on format targets; saves a model folder to `out_dir`."""
+    """Full fine-tune of a small fp32 thinker on format targets; saves a model folder to `out_dir`.
+    Progress goes to `console` (a new rich Console by default; `Console(quiet=True)` silences it)."""
+    from rich.console import Console
+
+    console = console or Console()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     processor = load_processor(str(base_dir))
@@ -47,13 +51,13 @@ def warm_start(base_dir: str | Path, train_split: str | Path, out_dir: str | Pat
     model.train()
     rows = scan_split(train_split).rows
     encoded = []
-    with phase_progress("warm start: encode prompts", total=len(rows), console=console, enabled=console is not None) as advance:
+    with phase_progress("warm start: encode prompts", total=len(rows), console=console) as advance:
         for r in rows:
             encoded.append(encode_example(processor, load_example(r, max_audio_seconds)))
             advance(1)
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    with phase_progress("warm start", total=steps, console=console, enabled=console is not None) as advance:
+    with phase_progress("warm start", total=steps, console=console) as advance:
         for _ in range(steps):
             idx = [rng.randrange(len(rows)) for _ in range(batch_size)]
             targets = [torch.tensor(tok(random_letter_target(rows[i].answer, rng)).input_ids + [eos]) for i in idx]
