@@ -310,14 +310,6 @@ def enable_activation_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def disable_activation_checkpointing(model) -> None:
-    """Turn activation checkpointing off (e.g. for rollouts), under the installed transformers' method name."""
-    if hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()
-
-
 def lora_target_regex(target_modules: list[str]) -> str:
     names = "|".join(re.escape(t) for t in target_modules)
     return rf"{LLM_LAYER_PREFIX}\.(self_attn|mlp)\.({names})"

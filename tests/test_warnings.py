@@ -101,14 +101,7 @@ def test_warm_start_step_without_warnings(tiny_model_dir, synth_dir, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-GRPO_CHECKPOINTING_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="grpo.py's rollout toggle still calls the deprecated gradient_checkpointing_enable/_disable; switch it "
-           "to modeling.enable_activation_checkpointing / disable_activation_checkpointing, then drop this mark",
-)
-
-
-@pytest.mark.parametrize("checkpointing", [False, pytest.param(True, marks=GRPO_CHECKPOINTING_XFAIL)])
+@pytest.mark.parametrize("checkpointing", [False, True])
 def test_one_grpo_step_without_warnings(tiny_model_dir, synth_dir, tmp_path, checkpointing):
     from echoink_lite.grpo import train
     from echoink_lite.recipe import recipe_from_dict
