@@ -30,7 +30,6 @@ def test_paper_recipes_give_the_paper_schedule():
 def test_demo_recipe_matches_the_shipped_tiny_recipe_but_not_its_folders():
     """Same training values; the runbook's recipe and the demo never share a run folder."""
     from echoink_lite.demo import DEMO_RECIPE, demo_recipe
-
     from echoink_lite.recipe import flatten
 
     folders = {"model.name_or_path", "data.train", "data.valid", "checkpoint.output_dir", "logging.run_name"}
