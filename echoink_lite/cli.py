@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 EPILOG = """examples:
-  echoink-lite demo                                   # offline end-to-end run on CPU (~10 min)
+  echoink-lite demo                                   # offline end-to-end run on CPU (times: README)
   echoink-lite data synth data/synth                  # a synthetic set in the AVQA-R1-6K layout
   echoink-lite data check data/avqa/train --report bad.jsonl
   echoink-lite recipes validate recipes/*.yaml
@@ -275,9 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoints import ResumeError
     from .data import DataError
     from .grpo import TrainingError
-    from .modeling import ModelLoadError
+    from .modeling import ModelLoadError, configure_torch_threads
     from .recipe import RecipeError
 
+    try:
+        configure_torch_threads()  # ECHOINK_THREADS, else OMP_NUM_THREADS, else the usable CPUs
+    except ValueError as err:
+        print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except (RecipeError, DataError, ResumeError, TrainingError, ModelLoadError) as err:

@@ -1,4 +1,4 @@
-"""`echoink-lite demo`: the whole kit, offline, on a CPU box in about ten minutes.
+"""`echoink-lite demo`: the whole kit, offline, on a CPU box (README.md gives measured times).
 
 synthetic data -> tiny Omni model -> short supervised warm start (format only, random answer letters)
 -> GRPO with QLoRA (4-bit NF4 base + LoRA on the language model) -> evaluation before and after on the
@@ -7,8 +7,12 @@ synthetic validation split -> modality check (swap each item's audio, image, or 
 
 Every number printed is measured in this run. The synthetic task needs both the picture (red or blue)
 and the sound (low or high tone), so a model that ignores one modality falls towards 50%, and one that
-ignores both towards 25% (chance over four options). The settings follow the field notes, where a tiny
-model went from chance to well above it in a few minutes on this machine.
+ignores both towards 25% (chance over four options). recipes/tiny_cpu.yaml holds the same training values
+with the reason for each one that differs from the paper's; docs/reproduction.md lists them all.
+
+It writes everything under its own folder (`demo_runs/demo` by default) and starts the GRPO run and the
+evaluation afresh each time; the CPU runbook (docs/runbook-cpu.md) uses another folder (`runs/tiny-cpu`),
+so a run by hand never mixes with the demo's.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-# The demo's GRPO recipe, embedded so the demo needs no file; recipes/tiny_cpu.yaml holds the same values
-# (a test keeps them equal). Paper settings, scaled down: see that file's comments for each deviation.
+# The demo's GRPO recipe, embedded so the demo needs no file. recipes/tiny_cpu.yaml holds the same training
+# values (a test keeps them equal) in the runbook's folders; `demo_recipe` points these paths into the demo's
+# own folder. Paper settings, scaled down: see that file's comments for each deviation.
 DEMO_RECIPE: dict = {
     "description": "Offline CPU demo and tests: tiny Omni thinker, synthetic audio+image data, QLoRA GRPO.",
     "model": {"name_or_path": "demo_runs/demo/warm-model", "dtype": "float32", "gradient_checkpointing": False},
@@ -53,12 +59,15 @@ def demo_recipe(out: Path, quick: bool = False, seed: int = 0):
 
 
 def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int = 0, console: Console | None = None) -> dict:
+    import torch
+
     from .data import derange, scan_split
     from .evaluate import EvalConfig, evaluate_rows, load_model, print_summary
     from .grpo import train
     from .infer import infer
     from .merge import merge_adapter
     from .metrics import plot_run
+    from .modeling import usable_cpus
     from .synth import synth_command
     from .tiny import build_tiny_thinker
     from .warmstart import warm_start
@@ -66,6 +75,8 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
     console = console or Console()
     out = Path(out)
     t0 = time.time()
+    console.print(f"torch threads: {torch.get_num_threads()} of {usable_cpus()} CPUs "
+                  "(ECHOINK_THREADS sets it; use 1 on a busy machine)", highlight=False)
     timings: dict[str, float] = {}
 
     def phase(name: str) -> None:
@@ -119,8 +130,14 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
                            dtype="fp32", verify=True, console=console)
     mmodel, mproc = load_model(str(merged_dir), dtype="float32", device="cpu")
     row = rows[0]
+    console.print(f"question (validation item {row.problem_id}, {row.image_path.name} + {row.audio_path.name}): "
+                  f"{escape(row.problem)}", highlight=False)
+    for option in row.options:
+        console.print(f"  {escape(option)}", highlight=False)
+    console.print("merged model, greedy:", highlight=False)
     answer = infer(mmodel, mproc, row.audio_path, row.image_path, row.problem, list(row.options), max_new_tokens=24,
                    stream=True, console=console, max_audio_seconds=1.0)
+    console.print(_answer_line(answer.get("answer"), row.answer), highlight=False)
     phase("merge + infer")
 
     summary = {
@@ -131,10 +148,17 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
         "grpo_steps": result.steps_done, "validation_rows": len(rows), "merge_verification": _jsonable(report),
         "infer_example": {"problem_id": row.problem_id, "gold": row.answer, "answer": answer.get("answer")},
         "seconds": timings, "total_seconds": round(time.time() - t0, 1), "quick": quick,
+        "torch_threads": torch.get_num_threads(), "usable_cpus": usable_cpus(),
     }
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_final(console, summary, out)
     return summary
+
+
+def _answer_line(answer: str | None, gold: str) -> str:
+    given = answer if answer is not None else "none (no valid <answer>)"
+    verdict = "correct" if answer == gold else "wrong"
+    return f"model's answer: {given}   gold answer: {gold}   ({verdict})"
 
 
 def _jsonable(obj):
@@ -153,7 +177,7 @@ def _print_final(console: Console, s: dict, out: Path) -> None:
     t.add_row("  ... with both swapped", pct(s["accuracy_both_swapped"]))
     t.add_row("format failures after GRPO", pct(s["format_failure_after"]))
     t.add_row("GRPO steps", str(s["grpo_steps"]))
-    t.add_row("total time", f"{s['total_seconds']:.0f} s")
+    t.add_row("total time", f"{s['total_seconds']:.0f} s, {s['torch_threads']} torch thread(s)")
     console.print(t)
     console.print(f"everything is in {out} (demo_summary.json, run/metrics.jsonl, run/curves.png, merged/)")
     if s["quick"]:

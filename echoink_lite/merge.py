@@ -691,6 +691,7 @@ def check_weights(out: Path, base: Base, adapter: Adapter, mapping: dict[str, st
     changed_ok = unchanged_lora = bad_lora = other_equal = other_differ = 0
     max_merge_err = 0.0
     problems: list[str] = []
+    zero_b: list[str] = []  # LoRA targets whose B is all zero (LoRA's initial value): merged weight = base
     handles: dict[str, Any] = {}
 
     def handle(folder: Path, name: str):
@@ -724,12 +725,21 @@ def check_weights(out: Path, base: Base, adapter: Adapter, mapping: dict[str, st
                 problems.append(f"{p.out_key}: merged weight off by {err:.3g} (bound {bound:.3g})")
             elif torch.equal(got, cast):
                 unchanged_lora += 1
-                problems.append(f"{p.out_key}: LoRA target equals the base (B = 0? an untrained adapter)")
+                if lm.B.any():
+                    problems.append(f"{p.out_key}: LoRA target equals the base although its B is non-zero "
+                                    f"(update below {got.dtype} rounding?)")
+                else:
+                    zero_b.append(p.out_key)  # never updated: reported once, below
             else:
                 changed_ok += 1
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
+    # Every B zero: an untrained adapter (e.g. a smoke run), merged exactly (= base); one line, not one per tensor.
+    untrained = bool(mapping) and len(zero_b) == len(mapping)
+    if zero_b and not untrained:
+        problems.append(f"{len(zero_b)} of {len(mapping)} LoRA targets have B = 0 (never updated) and equal the base, "
+                        f"e.g. {zero_b[0]}")
     if missing:
         problems.append(f"{len(missing)} expected tensors missing, e.g. {missing[:3]}")
     if extra:
@@ -738,7 +748,8 @@ def check_weights(out: Path, base: Base, adapter: Adapter, mapping: dict[str, st
         "lora_tensors_changed": changed_ok, "lora_tensors_expected": len(mapping), "lora_tensors_unchanged": unchanged_lora,
         "lora_tensors_wrong": bad_lora, "max_merge_error_vs_fp64": max_merge_err, "other_tensors_equal": other_equal,
         "other_tensors_differ": other_differ, "missing_keys": len(missing), "unexpected_keys": len(extra),
-        "ok": not problems and changed_ok == len(mapping), "problems": problems[:10],
+        "untrained_adapter": untrained,
+        "ok": not problems and (changed_ok == len(mapping) or untrained), "problems": problems[:10],
     }
 
 
@@ -915,8 +926,12 @@ def verify_merge(out: Path, base: Base, adapter: Adapter, mapping: dict[str, str
     table.add_column("result")
     table.add_column("")
     mark = lambda ok: "[green]ok[/]" if ok else "[bold red]FAIL[/]"  # noqa: E731
-    table.add_row("LoRA targets changed", f"{weights['lora_tensors_changed']}/{weights['lora_tensors_expected']} "
-                  f"(max error vs fp64 merge {weights['max_merge_error_vs_fp64']:.2e})", mark(weights["lora_tensors_changed"] == weights["lora_tensors_expected"] and not weights["lora_tensors_wrong"]))
+    if weights["untrained_adapter"]:
+        table.add_row("LoRA targets changed", f"0/{weights['lora_tensors_expected']}: every LoRA B is zero, merged = base",
+                      "[yellow]untrained[/]")
+    else:
+        table.add_row("LoRA targets changed", f"{weights['lora_tensors_changed']}/{weights['lora_tensors_expected']} "
+                      f"(max error vs fp64 merge {weights['max_merge_error_vs_fp64']:.2e})", mark(weights["lora_tensors_changed"] == weights["lora_tensors_expected"] and not weights["lora_tensors_wrong"]))
     table.add_row("other tensors equal to base", f"{weights['other_tensors_equal']} equal, {weights['other_tensors_differ']} differ",
                   mark(weights["other_tensors_differ"] == 0 and not weights["missing_keys"] and not weights["unexpected_keys"]))
     table.add_row("size on disk", f"{size['tensor_bytes'] / 1e6:.2f} MB tensors, expected {size['expected_tensor_bytes'] / 1e6:.2f} MB "
@@ -927,6 +942,10 @@ def verify_merge(out: Path, base: Base, adapter: Adapter, mapping: dict[str, str
                   f"max |diff| {logits['max_abs_diff']:.3g} <= tol {logits['tolerance']:.3g} [{logits['tolerance_rule']}]; "
                   f"adapter effect {logits['adapter_effect_max_abs']:.3g}; argmax agree {logits['argmax_agreement']:.1%}", mark(logits["ok"]))
     console.print(table)
+    if weights["untrained_adapter"]:
+        console.print(f"[yellow]untrained adapter[/]: all {weights['lora_tensors_expected']} LoRA B matrices are zero, so the "
+                      "merged model equals the base. Expected after a smoke run (`demo --quick`); after real training "
+                      "it means no update reached the adapter.", highlight=False)
     for p in weights["problems"]:
         console.print(f"[red]{p}[/]", highlight=False)
     return result

@@ -16,7 +16,10 @@ transformers / bitsandbytes / peft classes and settings the kit uses.
 from __future__ import annotations
 
 import json
+import os
 import re
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -111,14 +114,19 @@ def load_processor(name_or_path: str, revision: str | None = None, max_pixels: i
 
 
 def _set_pixel_caps(image_processor, max_pixels: int, min_pixels: int | None) -> None:
-    image_processor.max_pixels = max_pixels
-    if min_pixels is not None:
-        image_processor.min_pixels = min_pixels
+    """Cap the pixels of each image the way transformers 5.x wants it: through `size`
+    (`longest_edge` = max pixels, `shortest_edge` = min pixels), never the `max_pixels` / `min_pixels`
+    attributes, which the Qwen2-VL image processor's `_standardize_kwargs` reads on every call and answers
+    with a FutureWarning ("deprecated and will be removed in v5.23", transformers 5.23
+    models/qwen2_vl/image_processing_qwen2_vl.py and image_processing_pil_qwen2_vl.py)."""
     size = dict(getattr(image_processor, "size", None) or {})
     size["longest_edge"] = max_pixels
     if min_pixels is not None:
         size["shortest_edge"] = min_pixels
     image_processor.size = size
+    for legacy in ("max_pixels", "min_pixels"):
+        if getattr(image_processor, legacy, None) is not None:
+            setattr(image_processor, legacy, None)
 
 
 def _read_chat_template(name_or_path: str) -> str | None:
@@ -163,6 +171,42 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+THREADS_ENV = "ECHOINK_THREADS"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: `os.sched_getaffinity` honours taskset and container cpusets, which
+    `os.cpu_count()` (every CPU of the host) does not."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def configure_torch_threads(environ: dict[str, str] | None = None) -> tuple[int, str]:
+    """Set torch's CPU thread count on purpose; returns (threads, where the number came from).
+
+    In this order: `ECHOINK_THREADS`; else `OMP_NUM_THREADS` (the variable torch itself reads, and the one
+    torchrun sets to 1 per process); else the CPUs this process may run on. On a machine shared with other
+    jobs, fewer threads than CPUs is faster: threads that wait for each other's CPU time make every step
+    several times slower, so set `ECHOINK_THREADS=1` there. Raises ValueError on a value that is not a
+    positive integer.
+    """
+    env = os.environ if environ is None else environ
+    for name in (THREADS_ENV, "OMP_NUM_THREADS"):
+        raw = env.get(name, "").strip()
+        if raw:
+            if not raw.isdigit() or int(raw) < 1:
+                raise ValueError(f"{name}={raw!r} is not a positive whole number of threads; "
+                                 f"set it to 1..{usable_cpus()} or unset it")
+            threads, source = int(raw), name
+            break
+    else:
+        threads, source = usable_cpus(), "usable CPUs"
+    torch.set_num_threads(threads)
+    return threads, source
 
 
 def quantization_config(q, dtype: torch.dtype):
@@ -253,6 +297,19 @@ def _fix_bnb_cpu(model) -> None:
             mod.support_avx512bf16_for_cpu = False
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation (gradient) checkpointing on a transformers model or a PEFT model around one.
+
+    Non-reentrant works with frozen inputs and DDP without `enable_input_require_grads`. transformers 5.23
+    names the method `activation_checkpointing_enable` and keeps `gradient_checkpointing_enable` as a
+    deprecated alias that raises a FutureWarning on every call; 5.17 has only the old name.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lora_target_regex(target_modules: list[str]) -> str:
     names = "|".join(re.escape(t) for t in target_modules)
     return rf"{LLM_LAYER_PREFIX}\.(self_attn|mlp)\.({names})"
@@ -263,15 +320,15 @@ def add_lora(model, lora, gradient_checkpointing: bool = True, seed: int | None 
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
-        # Non-reentrant checkpointing works with frozen inputs and DDP without enable_input_require_grads.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_target_regex(lora.target_modules),
         bias="none", task_type="CAUSAL_LM",
     )
     if seed is not None:
         torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
+    with peft_reading_deprecated_property():
+        peft_model = get_peft_model(model, config)
     for name, p in peft_model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # LoRA weights and their Adam state in fp32: stable with bf16 compute
@@ -282,7 +339,22 @@ def load_adapter(model, adapter_dir: str, trainable: bool = False):
     """Attach a saved PEFT adapter to a loaded thinker."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    with peft_reading_deprecated_property():
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+@contextmanager
+def peft_reading_deprecated_property():
+    """Wrap a PEFT model around a thinker without a warning the kit cannot act on.
+
+    peft 0.21's `PeftModel.__init__` reads `model.is_gradient_checkpointing` (peft/peft_model.py), which
+    transformers 5.23 deprecated in favour of `is_activation_checkpointing`: a FutureWarning on every
+    `get_peft_model` / `PeftModel.from_pretrained`, whatever the caller does. Only that message is ignored,
+    only inside this block.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def multimodal_token_ids(tokenizer) -> list[int]:

@@ -79,7 +79,8 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its progress bars print only blank lines when stdout is not a terminal
     )
     bpe.train_from_iterator(_tokenizer_corpus(), trainer)
     tok = Qwen2TokenizerFast(

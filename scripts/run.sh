@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: installs the kit into ./.venv (once), then runs a job.
-#   bash scripts/run.sh demo     # the offline end-to-end demo (CPU, ~10 min)
+#   bash scripts/run.sh demo     # the offline end-to-end demo (CPU; measured times in README.md)
 #   bash scripts/run.sh test     # the test suite (offline)
 #   bash scripts/run.sh ARGS...  # any echoink-lite command, e.g. `bash scripts/run.sh data check data/avqa/train`
 # TORCH_SPEC overrides the torch requirement installed first (default torch==2.13.0: the CPU wheel on the

@@ -127,10 +127,22 @@ def test_data_synth_then_check(tmp_path, capsys):
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):
-    """The README's main job in its smoke-test form: every stage runs and the summary is written."""
+    """The README's main job in its smoke-test form: every stage runs and the summary is written; the final
+    question is shown with its options, the model's answer and the gold answer; nothing reads as a failure."""
+    import io
+
+    from rich.console import Console
+
     from echoink_lite.demo import run_demo
 
-    s = run_demo(tmp_path / "demo", quick=True)
+    console = Console(file=io.StringIO(), width=200)
+    s = run_demo(tmp_path / "demo", quick=True, console=console)
+    out = console.file.getvalue()
+    ex = s["infer_example"]
+    assert f"question (validation item {ex['problem_id']}" in out and "A. red low" in out and "D. blue high" in out
+    assert f"gold answer: {ex['gold']}" in out and "model's answer: " in out
+    assert "FAIL" not in out and "B = 0?" not in out
+    assert s["merge_verification"]["ok"] is True
     assert s["grpo_steps"] == 3 and s["validation_rows"] == 16
     for k in ("accuracy_before", "accuracy_after", "accuracy_audio_swapped", "accuracy_image_swapped"):
         assert 0.0 <= s[k] <= 1.0

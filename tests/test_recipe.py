@@ -27,11 +27,22 @@ def test_paper_recipes_give_the_paper_schedule():
         assert r.generation.max_completion_tokens == 768 and r.schedule.max_grad_norm == 5.0
 
 
-def test_demo_recipe_matches_the_shipped_tiny_recipe():
-    from echoink_lite.demo import DEMO_RECIPE
+def test_demo_recipe_matches_the_shipped_tiny_recipe_but_not_its_folders():
+    """Same training values; the runbook's recipe and the demo never share a run folder."""
+    from echoink_lite.demo import DEMO_RECIPE, demo_recipe
+    from echoink_lite.recipe import flatten
 
-    shipped = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "tiny_cpu.yaml").read_text())
-    assert recipe_from_dict(shipped) == recipe_from_dict(DEMO_RECIPE)
+    folders = {"model.name_or_path", "data.train", "data.valid", "checkpoint.output_dir", "logging.run_name"}
+
+    def values(r):
+        return {k: v for k, v in flatten(r.model_dump(mode="json")).items() if k not in folders}
+
+    shipped = recipe_from_dict(yaml.safe_load((Path(__file__).parent.parent / "recipes" / "tiny_cpu.yaml").read_text()))
+    demo = recipe_from_dict(DEMO_RECIPE)
+    assert values(shipped) == values(demo)
+    demo_run = Path(demo_recipe(Path("demo_runs/demo")).checkpoint.output_dir)
+    assert Path(shipped.checkpoint.output_dir).parent != demo_run.parent
+    assert not Path(shipped.model.name_or_path).is_relative_to(demo_run.parent)
 
 
 def test_derived_numbers():
