@@ -60,13 +60,20 @@ class TrainingError(RuntimeError):
 # Data order: one seeded permutation per epoch, cut into steps; saved in every checkpoint
 # ---------------------------------------------------------------------------------------------------
 def data_schedule(n_rows: int, prompts_per_step: int, total_steps: int, seed: int) -> list[list[int]]:
-    """Row indices of each step. Epoch e is permutation(seed + e); its last step holds what is left over
-    (4,490 prompts at 8 per step: 561 steps of 8, then one of 2, as the original's single epoch)."""
+    """Row indices of each step. Epoch e is permutation(seed + e), cut into steps of `prompts_per_step`. Its
+    last step holds the prompts left over, filled up with the epoch's first prompts, as the original's data
+    loader does: 4,490 prompts on 8 processes give 561 full steps and a 562nd of 2 new prompts plus the
+    epoch's first 6 again (HF Trainer's dataloader sharded by accelerate, whose `even_batches`, on by default,
+    cycles back to the first indices: accelerate/data_loader.py, BatchSamplerShard._iter_with_no_split)."""
     steps: list[list[int]] = []
     epoch = 0
     while len(steps) < total_steps:
         perm = np.random.default_rng(seed + epoch).permutation(n_rows).tolist()
-        steps += [perm[s: s + prompts_per_step] for s in range(0, n_rows, prompts_per_step)]
+        for s in range(0, n_rows, prompts_per_step):
+            step = perm[s: s + prompts_per_step]
+            while len(step) < prompts_per_step:
+                step += perm[: prompts_per_step - len(step)]
+            steps.append(step)
         epoch += 1
     return steps[:total_steps]
 

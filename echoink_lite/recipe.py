@@ -211,8 +211,8 @@ class Recipe(_Section):
             "world_size": world_size,
         }
         if n_train_rows is not None:
-            # Each epoch is its own permutation; its last step takes the prompts left over (4,490 / 8 -> 561 steps
-            # of 8 and one of 2, as the original), so a step never mixes two passes over the data.
+            # Each epoch is its own permutation cut into steps; its last step takes the prompts left over and is
+            # filled up with the epoch's first ones (as the original's data loader: grpo.data_schedule).
             spe = math.ceil(n_train_rows / g.prompts_per_step)
             full, frac = divmod(self.schedule.epochs, 1.0)
             total = int(full) * spe + math.ceil(round(frac * n_train_rows, 6) / g.prompts_per_step)

@@ -233,18 +233,24 @@ def test_out_of_memory_names_step_rows_and_knobs_and_keeps_finished_steps(tiny_m
     assert train(recipe, resume="auto").steps_done == 4
 
 
-def test_the_last_step_of_an_epoch_takes_the_prompts_left_over():
+def test_the_last_step_of_an_epoch_is_filled_with_the_epochs_first_prompts_as_the_original():
+    import numpy as np
+
     from echoink_lite.grpo import data_schedule
     from echoink_lite.recipe import load_recipe
 
-    assert load_recipe(None).derived(4490)["total_steps"] == 562  # the paper: 561 steps of 8, one of 2
+    assert load_recipe(None).derived(4490)["total_steps"] == 562  # the paper's 562 steps
     steps = data_schedule(4490, 8, 562, seed=42)
-    assert [len(s) for s in steps] == [8] * 561 + [2]
-    assert sorted(i for s in steps for i in s) == list(range(4490))  # one pass, each prompt once
+    perm = np.random.default_rng(42).permutation(4490).tolist()
+    assert all(len(s) == 8 for s in steps)
+    assert [i for s in steps[:561] for i in s] == perm[:4488]  # one pass, each prompt once
+    # the 562nd: the 2 left over, then the epoch's first 6 again (accelerate's even_batches on 8 processes)
+    assert steps[561] == perm[4488:] + perm[:6]
     two = load_recipe(None, ["schedule.epochs=2"]).derived(4490)["total_steps"]
     assert two == 1124
     steps = data_schedule(4490, 8, two, seed=42)
-    assert len(steps[561]) == 2 and len(steps[1123]) == 2 and steps[562] != steps[0]
+    second = np.random.default_rng(43).permutation(4490).tolist()
+    assert steps[562] == second[:8] and steps[1123] == second[4488:] + second[:6]
 
 
 def test_a_row_that_fails_to_encode_is_skipped_counted_and_replaced(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
