@@ -309,7 +309,7 @@ class MemoryEstimate:
     @property
     def torch_peak_gb(self) -> float:
         """The estimate without the CUDA context: comparable to torch.cuda.max_memory_reserved()."""
-        return self.total_gb - self.phases["overhead"]
+        return self.total_gb - self.components["cuda_context"]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
