@@ -1,4 +1,4 @@
-"""What `train` prints: the plan table before step 1, one line per step (80 columns), warnings, progress.
+"""What `train` prints: the plan table before step 1, one line per step (80 columns) and warnings.
 
 Kept out of grpo.py so the training loop reads as the algorithm. Every number printed here is also in
 RUN/metrics.jsonl (plus the ones that do not fit a line: gradient norm, learning rate, memory, tied groups).
@@ -6,7 +6,6 @@ RUN/metrics.jsonl (plus the ones that do not fit a line: gradient norm, learning
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 
@@ -58,12 +57,17 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def _sci(v) -> str:
+    """1.2e-3 rather than 1.2e-03: the step line has no column to spare."""
+    return "-" if v is None else format(v, ".1e").replace("e-0", "e-").replace("e+0", "e+")
+
+
 def step_line(m: dict[str, Any], total: int, eta_s: float | None) -> str:
     """One step in at most 80 columns, e.g.
-    `[  12/562] reward 1.23 acc 0.50 len 215 kl 1.2e-03 3100 tok/s 71s eta 10h52m`."""
+    `[ 12/562] reward 1.23 acc 0.50 len 215 kl 1.2e-3 3100 tok/s 71s eta 10h52m`."""
     width = len(str(total))
     line = (f"[{m['step']:>{width}}/{total}] reward {_fmt(m['reward'], '.2f')} acc {_fmt(m['accuracy'], '.2f')} "
-            f"len {_fmt(m['completion_length'], '.0f')} kl {_fmt(m['kl'], '.1e')} "
+            f"len {_fmt(m['completion_length'], '.0f')} kl {_sci(m['kl'])} "
             f"{m['rollout_tokens_per_s']:.0f} tok/s {m['step_time_s']:.0f}s")
     if m.get("skipped_step"):
         return line + " SKIPPED: non-finite"
@@ -95,13 +99,3 @@ def warn_on_metrics(console, m: dict, counters: dict) -> None:
                           "the solutions (`echoink-lite data check`), and generation.max_completion_tokens.[/]")
     else:
         counters["zero_reward_steps"] = 0
-
-
-def progress_bar(console, enabled: bool):
-    """A rich progress bar with ETA in a terminal; None elsewhere (logs and notebooks get the step lines)."""
-    if not enabled or not (getattr(console, "is_terminal", False) or sys.stdout.isatty()):
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)

@@ -28,7 +28,6 @@ import json
 import math
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +37,14 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoints as ckpt
-from .console import make_console, print_plan, print_step, progress_bar, warn_on_metrics
+from .console import make_console, print_plan, print_step, warn_on_metrics
 from .data import Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .distributed import Dist, setup_dist
 from .loss import completion_logps, group_advantages, grpo_loss
 from .metrics import MetricsWriter, plot_run
 from .modeling import add_lora, load_processor, load_thinker_from_recipe, multimodal_token_ids, torch_dtype
 from .preflight import check_memory_fits, preflight_longest_prompts
+from .progress import live_display, phase_progress
 from .prompting import Encoded, PromptTooLongError, encode_row
 from .recipe import Recipe, changed_math_fields
 from .rewards import compute_rewards, resolve_rewards
@@ -165,23 +165,21 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     writer = MetricsWriter(run_dir, recipe.logging.report_to, recipe.logging.run_name, start_step,
                            recipe.model_dump(mode="json")) if dst.main else None
     saver = _Saver(run, run_dir, total_steps, fingerprint, start_step)
-    progress = progress_bar(console, recipe.logging.progress and dst.main)
-    task = progress.add_task("GRPO", total=total_steps, completed=start_step) if progress else None
-    step, last_metrics, t_loop = start_step, {}, time.time()
+    # A live bar in a terminal; elsewhere the step lines (with their ETA) are the progress.
+    bar = recipe.logging.progress and dst.main and live_display(console)
+    step, last_metrics = start_step, {}
     try:
-        with progress if progress else nullcontext():
+        with phase_progress("GRPO", total_steps, console, start=start_step, enabled=bar, live=True) as advance:
             while step < total_steps:
                 metrics = _guarded_step(run, step, saver)
                 step += 1
                 metrics["step"] = step
                 last_metrics = metrics
+                advance(1, note=f"reward {metrics['reward']:.2f}")
                 if dst.main:
                     writer.log(metrics)
-                    eta = (time.time() - t_loop) / (step - start_step) * (total_steps - step)
-                    print_step(console, metrics, total_steps, eta)
+                    print_step(console, metrics, total_steps, advance.eta_s())
                     warn_on_metrics(console, metrics, run.counters)
-                    if progress:
-                        progress.update(task, completed=step)
                 if run.counters["nonfinite_in_a_row"] >= recipe.grpo.max_nonfinite_steps:
                     saver.save(step)
                     raise TrainingError(
