@@ -42,7 +42,8 @@ def print_plan(console, recipe, derived: dict, run_dir, start_step: int, n_bad: 
     console.print(t)
     reward_max = sum(recipe.grpo.rewards.values())
     console.print(f"step lines: reward (max {reward_max:g}), acc = sampled training accuracy, len = mean completion "
-                  "tokens, kl to the base model, rollout tokens/s, step seconds, time left. All metrics: "
+                  "tokens, kl to the base model, rollout tokens/s, step seconds, time left (a NON-FINITE step is skipped). "
+                  "All metrics: "
                   f"{run_dir}/metrics.jsonl", highlight=False)
 
 
@@ -70,7 +71,7 @@ def step_line(m: dict[str, Any], total: int, eta_s: float | None) -> str:
             f"len {_fmt(m['completion_length'], '.0f')} kl {_sci(m['kl'])} "
             f"{m['rollout_tokens_per_s']:.0f} tok/s {m['step_time_s']:.0f}s")
     if m.get("skipped_step"):
-        return line + " SKIPPED: non-finite"
+        return line + " NON-FINITE"  # the step was skipped (the plan's legend says so)
     if eta_s is not None:
         line += f" eta {_duration(eta_s)}"
     return line
