@@ -116,3 +116,25 @@ def test_fixed_seed_gives_the_same_sampled_completions(engine_setup):
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
     assert len({tuple(c) for c in runs[0]}) > 1  # samples, not copies
+
+
+def test_a_checkpoints_generation_config_cannot_change_what_is_sampled(engine_setup):
+    """`generate` merges the checkpoint's generation_config into every call (a repetition_penalty there would
+    silently change the sampling the loss assumes); the engine samples from SamplingParams alone."""
+    from echoink_lite.thinker_forward import thinker_of
+
+    proc, model, encoded, prompts = engine_setup
+    tok = proc.tokenizer
+    eos = tok.convert_tokens_to_ids("<|VIDEO|>")  # never emitted: full-length rows
+    p = SamplingParams(max_new_tokens=8, eos_id=eos, pad_id=tok.pad_token_id, do_sample=False)
+    engine = RolloutEngine(model, p, batch_size=8, cuda_graph=False)
+    before = [c.tolist() for c in engine.generate(prompts, group_size=1).completions]
+    hf_before = _hf_greedy(model, proc, encoded, 1, 8, eos, [])
+    cfg = thinker_of(model).generation_config
+    saved = (cfg.repetition_penalty, cfg.no_repeat_ngram_size)
+    try:
+        cfg.repetition_penalty, cfg.no_repeat_ngram_size = 5.0, 1
+        assert _hf_greedy(model, proc, encoded, 1, 8, eos, []) != hf_before  # generate does take them
+        assert [c.tolist() for c in engine.generate(prompts, group_size=1).completions] == before
+    finally:
+        cfg.repetition_penalty, cfg.no_repeat_ngram_size = saved
