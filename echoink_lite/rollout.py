@@ -155,8 +155,12 @@ class RolloutEngine:
     @torch.no_grad()
     def generate(self, prompts: list[PromptInputs], group_size: int, params: SamplingParams | None = None) -> RolloutResult:
         """`group_size` completions per prompt, rows laid out prompt by prompt."""
+        return self.generate_rows(prompts, [i for i in range(len(prompts)) for _ in range(group_size)], params)
+
+    @torch.no_grad()
+    def generate_rows(self, prompts: list[PromptInputs], rows: list[int], params: SamplingParams | None = None) -> RolloutResult:
+        """One completion per entry of `rows` (the index of its prompt), decoded `batch_size` rows at a time."""
         p = params or self.params
-        rows = [i for i in range(len(prompts)) for _ in range(group_size)]
         was_training = self.model.training
         self.model.eval()
         t0 = time.time()
