@@ -242,22 +242,23 @@ class EvalResult:
 
 def _read_done(path: Path, label: str, settings: str) -> dict[tuple[str, int], dict[str, Any]]:
     """Lines already written for `label`, keyed by (problem_id as text, sample). Refuses other settings."""
+    from .jsonl import JsonlError, read_jsonl
+
     done: dict[tuple[str, int], dict[str, Any]] = {}
     if not path.is_file():
         return done
     mismatched = 0
-    with path.open(encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: that pair is generated again
-            if not isinstance(rec, dict) or rec.get("label") != label:
-                continue
-            if rec.get("settings") != settings:
-                mismatched += 1
-                continue
-            done[(str(rec["problem_id"]), int(rec["sample"]))] = rec
+    try:  # a last line cut short by a crash is cut from the file (strict JSONL readers); that pair runs again
+        records, _ = read_jsonl(path, repair=True)
+    except JsonlError as err:
+        raise EvalError(str(err)) from None
+    for rec in records:
+        if not isinstance(rec, dict) or rec.get("label") != label:
+            continue
+        if rec.get("settings") != settings:
+            mismatched += 1
+            continue
+        done[(str(rec["problem_id"]), int(rec["sample"]))] = rec
     if mismatched:
         raise EvalError(
             f"{path} already holds {mismatched} '{label}' predictions made with other settings (model, adapter, "

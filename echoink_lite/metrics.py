@@ -2,20 +2,32 @@
 
 `metrics.jsonl` in the run folder is the source of truth: one JSON object per optimizer step. On resume,
 lines of steps after the checkpoint (written by the interrupted run) are dropped so the file stays one
-consistent history. `echoink-lite plot RUN_DIR` redraws `curves.png` from it at any time.
+consistent history; a last line cut short by a crash is dropped too. `echoink-lite plot RUN_DIR` redraws
+`curves.png` from it at any time.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .jsonl import JsonlError, read_jsonl
+
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, report_to: list[str], run_name: str | None, resume_step: int = 0, config: dict | None = None):
-        self.path = Path(run_dir) / "metrics.jsonl"
+    """Appends one line per step to metrics.jsonl (main process only). `resume_step` 0 starts the file afresh;
+    otherwise lines after that step are dropped. A write that fails (a full disk) raises a one-line SaveError."""
+
+    def __init__(self, run_dir: Path, report_to: list[str], run_name: str | None, resume_step: int = 0,
+                 config: dict | None = None, note: Callable[[str], None] | None = None):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self._note = note or (lambda message: print(f"warning: {message}", file=sys.stderr))
         self._truncate_after(resume_step)
         self._tb = None
         self._wandb = None
@@ -34,14 +46,34 @@ class MetricsWriter:
             self._wandb = wandb.init(name=run_name, config=config, resume="allow")
 
     def _truncate_after(self, step: int) -> None:
+        from .checkpoints import ResumeError
+
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept: list[Any] = []
+        if step > 0:
+            try:
+                records, torn = read_jsonl(self.path)
+            except JsonlError as err:
+                raise ResumeError(str(err)) from None
+            if torn:
+                self._note(torn)
+            kept = [r for r in records if isinstance(r, dict) and r.get("step", 0) <= step]
+        tmp = self.path.with_name(".metrics.jsonl.tmp")  # replaced in one rename: never half a history
+        self._write(tmp, "w", "".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+
+    def _write(self, path: Path, mode: str, text: str) -> None:
+        from .checkpoints import SaveError, latest_checkpoint, write_failure_message
+
+        try:
+            with open(path, mode, encoding="utf-8") as f:
+                f.write(text)
+        except OSError as err:
+            raise SaveError(write_failure_message(err, path, latest_checkpoint(self.run_dir))) from None
 
     def log(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._write(self.path, "a", json.dumps(record) + "\n")
         step = record.get("step", 0)
         numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         if self._tb is not None:
@@ -61,7 +93,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run folder written by `echoink-lite train`?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)[0]  # a last line cut short by a crash is left out
 
 
 def smooth(values: list[float | None], window: int) -> list[float]:
