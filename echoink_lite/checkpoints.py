@@ -1,25 +1,42 @@
-"""Checkpoints that truly resume: atomic writes, discovery of the newest complete one, recipe checks.
+"""Run folders and checkpoints that truly resume: atomic, verified writes; refusals before anything is written.
 
+A run folder (`checkpoint.output_dir`) holds recipe.yaml, metrics.jsonl, checkpoints/, adapter/ and curves.png.
 A checkpoint folder `checkpoints/step-000040/` holds:
   adapter/            the LoRA adapter in standard PEFT format (loadable with PeftModel.from_pretrained)
   optimizer.pt        AdamW state          scheduler.pt   learning-rate scheduler state
   rng-rank{R}.pt      python / numpy / torch (and CUDA) RNG states of each process
   state.json          step, total steps, the data order, the recipe's math fields and hash, counters
-  COMPLETE            written last: a folder without it is ignored (a save interrupted midway)
+  COMPLETE            the marker: a JSON manifest with the size and SHA-256 of every other file
 
-Writes go to a hidden temporary folder that is renamed into place, then the marker is written and
-synced, then older checkpoints beyond `keep_last` are deleted. So an interruption at any point leaves the
-previous complete checkpoint untouched: a run loses at most the steps since it.
+Saving writes a hidden temporary folder, fsyncs every file, computes the manifest, writes the marker last
+(itself via a temporary file and a rename), fsyncs the folders and renames the folder into place. Only then
+are checkpoints beyond `keep_last` deleted. An interruption at any point leaves the previous checkpoint
+untouched, and a folder without a marker is ignored. A full disk stops the run with one line naming the file
+and the intact previous checkpoint.
+
+Resuming verifies the newest checkpoint against its manifest, because a file can still be damaged after the
+marker was written (a cloud-synced folder such as Colab's Google Drive, a disk error). A damaged checkpoint
+is skipped with a warning naming the file, and the newest intact one is used. Markers written before the
+manifest existed (they hold only the step number) are still accepted after a completeness check.
+
+Starting a run refuses a folder that holds an earlier run unless it resumes it or moves it aside
+(`--overwrite`): a fresh start there would truncate metrics.jsonl, and its new checkpoints would lose to the
+older, higher-numbered ones at pruning and at the next `--resume auto`.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import time
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +44,57 @@ import numpy as np
 import torch
 
 MARKER = "COMPLETE"
+MANIFEST_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
+_NO_RESUME = (None, "", "no", "never")
+
+Note = Callable[[str], None]
 
 
-class ResumeError(RuntimeError):
-    """A checkpoint that cannot be resumed; the message says why and what to do."""
+class CheckpointError(RuntimeError):
+    """A run folder or checkpoint problem; the message says which path and what to do."""
+
+
+class ResumeError(CheckpointError):
+    """A checkpoint that cannot be resumed."""
+
+
+class DamagedCheckpointError(ResumeError):
+    """A complete checkpoint whose files no longer match its marker; the message names the file."""
+
+
+class RunFolderError(CheckpointError):
+    """A run folder that cannot be used as asked (an earlier run in it, not writable)."""
+
+
+class SaveError(CheckpointError):
+    """A checkpoint that could not be written (disk full, permissions); the previous one is kept."""
+
+
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of complete checkpoints, oldest first; incomplete ones are ignored."""
+def step_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step-N` folder, complete or not, oldest first."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
     found = []
     for p in root.iterdir():
         m = _STEP_RE.match(p.name)
-        if m and p.is_dir() and (p / MARKER).is_file():
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of checkpoints with a marker, oldest first; interrupted saves are ignored."""
+    return [(s, p) for s, p in step_dirs(run_dir) if (p / MARKER).is_file()]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -56,6 +102,101 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+# ---------------------------------------------------------------------------------------------------
+# Run folders: refuse to start over an earlier run; move it aside only when asked
+# ---------------------------------------------------------------------------------------------------
+def resume_requested(resume: str | None) -> bool:
+    return resume not in _NO_RESUME
+
+
+def earlier_run(run_dir: Path) -> list[str]:
+    """What in `run_dir` shows that a run already made progress there (empty if nothing)."""
+    run_dir = Path(run_dir)
+    found = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    steps = step_dirs(run_dir)
+    if steps:
+        found.append(f"checkpoints up to {steps[-1][1].name}")
+    if (run_dir / "adapter").exists():
+        found.append("adapter/")
+    return found
+
+
+def check_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse (RunFolderError) a start that would mix with an earlier run. Reads only: call it on every process."""
+    run_dir = Path(run_dir)
+    if resuming and overwrite:
+        raise RunFolderError("--overwrite starts a new run and --resume continues one: pass only one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"checkpoint.output_dir {run_dir} is a file, not a folder: choose another checkpoint.output_dir")
+    found = [] if resuming or overwrite else earlier_run(run_dir)
+    if found:
+        raise RunFolderError(
+            f"{run_dir} holds an earlier run ({', '.join(found)}); starting over there would mix the two runs. "
+            "Continue it with --resume auto, start elsewhere with checkpoint.output_dir=NEW_FOLDER, or pass "
+            "--overwrite to move the earlier run aside (renamed, not deleted)."
+        )
+
+
+def _free_name(path: Path) -> Path:
+    if not path.exists():
+        return path
+    n = 2
+    while path.with_name(f"{path.name}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
+
+
+def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step: int | None = None,
+                    recipe_text: str | None = None, note: Note | None = None) -> Path | None:
+    """The run's first writes, once every check has passed (the main process only).
+
+    With `overwrite`, an earlier run is renamed to `<run_dir>.old-<time>` (returned). When resuming at
+    `resume_step`, complete checkpoints of later steps (damaged ones skipped by the resume, or a timeline
+    left by resuming an older checkpoint) are moved to `checkpoints/set-aside-<time>/`, so that pruning and a
+    later `--resume auto` cannot prefer them. Then the folder is created and `recipe_text` saved as recipe.yaml.
+    """
+    note = note or _stderr
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resuming, overwrite)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = None
+    writing = run_dir
+    try:
+        if overwrite and earlier_run(run_dir):
+            absolute = run_dir.resolve()
+            moved = writing = _free_name(absolute.with_name(f"{absolute.name}.old-{stamp}"))
+            absolute.rename(moved)
+            note(f"moved the earlier run in {run_dir} aside to {moved}")
+        writing = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        newer = [p for s, p in complete_checkpoints(run_dir) if resume_step is not None and s > resume_step]
+        if newer:
+            writing = aside = _free_name(checkpoint_dir(run_dir) / f"set-aside-{stamp}")
+            aside.mkdir()
+            for p in newer:
+                p.rename(aside / p.name)
+            note(f"moved {len(newer)} checkpoint(s) newer than step {resume_step} ({', '.join(p.name for p in newer)}) "
+                 f"aside to {aside}: this run continues from step {resume_step}")
+        if recipe_text is not None:
+            writing = run_dir / "recipe.yaml"
+            _write_text_atomic(writing, recipe_text)
+        else:  # make sure the folder takes files before anything runs
+            writing = run_dir / f".write-test-{os.getpid()}"
+            writing.write_bytes(b"")
+            writing.unlink()
+    except OSError as err:
+        raise RunFolderError(
+            f"cannot write {writing}: {err.strerror or err}. Choose a writable checkpoint.output_dir."
+        ) from None
+    return moved
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing: fsync, manifest, and one-line errors for a full disk or an unwritable folder
+# ---------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -71,77 +212,334 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_fd(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):  # not supported here (e.g. Windows dirs)
+            raise
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
     except OSError:
-        pass
+        return  # folders cannot be opened on every platform
+    try:
+        _fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so that a failed write raises the real OSError (a full disk shows
+    as ENOSPC). torch.save to a path reports it as `RuntimeError: ... unexpected pos N vs M`."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        _fsync_fd(f.fileno())
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        _fsync_fd(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _no_space(err: BaseException) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)  # safetensors: "I/O error: No space left on device (os error 28)"
+        if os.strerror(errno.ENOSPC) in text or f"os error {errno.ENOSPC})" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    from safetensors import SafetensorError
+
+    return isinstance(err, OSError) or _no_space(err) or (isinstance(err, SafetensorError) and "I/O error" in str(err))
+
+
+def write_failure_message(err: BaseException, path: Path, previous: Path | None) -> str:
+    """One line for a failed write of `path`, naming the checkpoint that a resume would use."""
+    if _no_space(err):
+        what = "no space left on device"
+    else:
+        what = f"cannot write ({getattr(err, 'strerror', None) or str(err).splitlines()[0]})"
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint of this run exists"
+    return (f"{what} while writing {path}; {kept}. Free space (or choose a writable checkpoint.output_dir), "
+            "then continue with --resume auto.")
+
+
+def file_digest(path: Path, fsync: bool = False) -> dict[str, Any]:
+    """{"size", "sha256"} of a file; with `fsync`, its data is flushed to the disk too."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+        if fsync:
+            _fsync_fd(f.fileno())
+    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def build_manifest(folder: Path, fsync: bool = True) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under `folder` (relative POSIX paths), fsyncing files and folders."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != MARKER:
+            files[path.relative_to(folder).as_posix()] = file_digest(path, fsync=fsync)
+    if fsync:
+        for sub in sorted({p.parent for p in folder.rglob("*")} | {folder}, key=lambda p: len(p.parts), reverse=True):
+            _fsync_dir(sub)
+    return files
 
 
 def tmp_path_for(run_dir: Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f".tmp-step-{step:06d}"
 
 
+def _previous(run_dir: Path, step: int) -> Path | None:
+    older = [p for s, p in complete_checkpoints(run_dir) if s < step]
+    return older[-1] if older else None
+
+
 def begin_save(run_dir: Path, step: int) -> Path:
     """Create (fresh) the temporary folder for this step's checkpoint (rank 0 only)."""
     tmp = tmp_path_for(run_dir, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise SaveError(write_failure_message(err, tmp, _previous(run_dir, step))) from None
     return tmp
 
 
 def save_rank_rng(tmp: Path, rank: int) -> None:
-    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    path = tmp / f"rng-rank{rank}.pt"
+    try:
+        _torch_save(rng_state(), path)
+    except OSError as err:
+        run_dir = tmp.parent.parent
+        raise SaveError(write_failure_message(err, path, _previous(run_dir, int(tmp.name.rsplit("-", 1)[1])))) from None
 
 
 def finish_save(run_dir: Path, tmp: Path, step: int, model, optimizer, scheduler, state: dict[str, Any], keep_last: int) -> Path:
-    """Write the rank-0 parts, rename into place, write the marker, prune old checkpoints."""
-    model.save_pretrained(tmp / "adapter", safe_serialization=True)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    state = dict(state, step=step, saved_at=time.time())
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    """Write the rank-0 parts and the marker, rename into place, prune old checkpoints (rank 0 only)."""
     final = checkpoint_dir(run_dir) / f"step-{step:06d}"
-    if final.exists():  # a leftover without marker from an interrupted save of the same step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    with open(final / MARKER, "w") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    for _, old in complete_checkpoints(run_dir)[:-keep_last]:
+    previous = _previous(run_dir, step)
+    writing = tmp / "adapter"
+    try:
+        model.save_pretrained(writing, safe_serialization=True)
+        writing = tmp / "optimizer.pt"
+        _torch_save(optimizer.state_dict(), writing)
+        writing = tmp / "scheduler.pt"
+        _torch_save(scheduler.state_dict(), writing)
+        writing = tmp / "state.json"
+        _write_text_atomic(writing, json.dumps(dict(state, step=step, saved_at=time.time()), indent=1))
+        writing = tmp
+        files = build_manifest(tmp, fsync=True)
+        writing = tmp / MARKER
+        _write_text_atomic(writing, json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
+        writing = final
+        if final.exists():  # a leftover without marker from an interrupted save of the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except Exception as err:
+        if not _is_write_failure(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        raise SaveError(write_failure_message(err, writing, previous)) from None
+    older = [p for s, p in complete_checkpoints(run_dir) if s < step]
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verifying: the manifest, or a completeness check for markers written before it existed
+# ---------------------------------------------------------------------------------------------------
+def read_marker(ckpt: Path) -> dict[str, Any] | None:
+    """The marker's manifest, or None for an older marker that holds only the step number."""
+    path = Path(ckpt) / MARKER
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DamagedCheckpointError(f"{path} is unreadable (not a manifest, not a step number)") from None
+    if isinstance(content, int):
+        return None
+    if not isinstance(content, dict) or not isinstance(content.get("files"), dict):
+        raise DamagedCheckpointError(f"{path} is unreadable (not a manifest, not a step number)")
+    return content
+
+
+def _check_safetensors_complete(path: Path) -> None:
+    """The header parses and the file is as long as the header's tensors say (no checksums in the format)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise DamagedCheckpointError(f"{path} is truncated ({size} bytes: its header is incomplete)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DamagedCheckpointError(f"{path} has an unreadable header") from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise DamagedCheckpointError(f"{path} has {size} bytes; its header describes {8 + n + end}")
+
+
+def _check_complete_without_manifest(ckpt: Path) -> None:
+    state = ckpt / "state.json"
+    try:
+        if not isinstance(json.loads(state.read_text(encoding="utf-8")), dict):
+            raise ValueError
+    except FileNotFoundError:
+        raise DamagedCheckpointError(f"{state} is missing") from None
+    except (ValueError, UnicodeDecodeError):
+        raise DamagedCheckpointError(f"{state} is not a JSON object (empty or cut short)") from None
+    adapter = ckpt / "adapter" / "adapter_model.safetensors"
+    if not adapter.is_file():
+        raise DamagedCheckpointError(f"{adapter} is missing")
+    _check_safetensors_complete(adapter)
+    for name in ["optimizer.pt", "scheduler.pt", *sorted(p.name for p in ckpt.glob("rng-rank*.pt"))]:
+        path = ckpt / name
+        if not path.is_file():
+            raise DamagedCheckpointError(f"{path} is missing")
+        try:
+            with zipfile.ZipFile(path) as z:  # torch files are zip archives with a CRC per entry
+                bad = z.testzip()
+        except zipfile.BadZipFile:
+            raise DamagedCheckpointError(f"{path} is truncated or not a torch file") from None
+        if bad is not None:
+            raise DamagedCheckpointError(f"{path} is damaged (entry {bad} fails its CRC check)")
+
+
+def verify_checkpoint(ckpt: Path) -> bool:
+    """Raise DamagedCheckpointError naming the first bad file. True if checked against the marker's manifest,
+    False for an older marker without one (then only completeness is checked)."""
+    ckpt = Path(ckpt)
+    manifest = read_marker(ckpt)
+    if manifest is None:
+        _check_complete_without_manifest(ckpt)
+        return False
+    files = manifest["files"]
+    for rel, want in files.items():  # sizes first: cheap, and the usual damage (a truncated sync)
+        path = ckpt / rel
+        if not path.is_file():
+            raise DamagedCheckpointError(f"{path} is missing")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise DamagedCheckpointError(f"{path} has {size} bytes; its marker recorded {want['size']}")
+    for rel, want in files.items():
+        if file_digest(ckpt / rel)["sha256"] != want["sha256"]:
+            raise DamagedCheckpointError(f"{ckpt / rel} does not match the SHA-256 its marker recorded (changed after the save)")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming: which checkpoint, and may this recipe continue it
+# ---------------------------------------------------------------------------------------------------
+def newest_intact_checkpoint(run_dir: Path, warn: Note | None = None) -> Path | None:
+    """The newest complete checkpoint whose files verify; one warning per damaged newer one. None if the run
+    has no complete checkpoint; ResumeError if it has some but none is intact."""
+    warn = warn or _stderr
+    damaged: list[tuple[Path, str]] = []
+    for _, path in reversed(complete_checkpoints(run_dir)):
+        try:
+            verified = verify_checkpoint(path)
+        except DamagedCheckpointError as err:
+            damaged.append((path, str(err)))
+            continue
+        for bad, why in damaged:
+            warn(f"checkpoint {bad.name} is damaged: {why}; resuming from the newest intact one, {path}")
+        if not verified:
+            warn(f"{path / MARKER} has no file checksums (written by an older echoink-lite): its files were checked "
+                 "for completeness only")
+        return path
+    if damaged:
+        raise ResumeError(
+            f"no intact checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(why for _, why in damaged)
+            + ". Start a new run: run without --resume and with checkpoint.output_dir=NEW_FOLDER, or with --overwrite "
+            "to move this run aside."
+        )
+    return None
+
+
+def resolve_resume(resume: str | None, run_dir: Path, warn: Note | None = None) -> Path | None:
+    """`None`/"no" -> fresh run; "auto" -> newest intact checkpoint (or fresh if none); else a checkpoint or
+    a run folder. Damaged checkpoints are skipped with a warning ("auto", a run folder) or refused (a path)."""
+    if not resume_requested(resume):
+        return None
+    if resume == "auto":
+        return newest_intact_checkpoint(run_dir, warn)
+    p = Path(resume)
+    if (p / MARKER).is_file():
+        try:
+            if not verify_checkpoint(p):
+                (warn or _stderr)(f"{p / MARKER} has no file checksums (written by an older echoink-lite): its files "
+                                  "were checked for completeness only")
+        except DamagedCheckpointError as err:
+            raise ResumeError(f"cannot resume {p}: {err}. Use --resume auto to take the newest intact checkpoint.") from None
+        return p
+    if p.is_dir() and complete_checkpoints(p):  # a run folder was given
+        return newest_intact_checkpoint(p, warn)
+    raise ResumeError(f"--resume {resume}: no complete checkpoint there (a folder with a {MARKER} file, or a run folder)")
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
     if not (ckpt / MARKER).is_file():
         raise ResumeError(f"{ckpt} has no {MARKER} marker: the save was interrupted. Use --resume auto or an older checkpoint.")
-    return json.loads((ckpt / "state.json").read_text())
+    path = ckpt / "state.json"
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpointError(
+            f"{path} is unreadable ({err}); use --resume auto to take the newest intact checkpoint"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise DamagedCheckpointError(f"{path} holds no step; use --resume auto to take the newest intact checkpoint")
+    return state
+
+
+def check_resumable(state: dict[str, Any], ckpt: Path, recipe, data_fingerprint: str, world_size: int) -> None:
+    """Refuse (ResumeError) to continue a checkpoint with a recipe, data or process count that changes the math.
+    Call it before writing anything, on every process."""
+    from .recipe import changed_math_fields
+
+    changed = changed_math_fields(state.get("recipe_math", {}), recipe)
+    if changed:
+        raise ResumeError(
+            f"cannot resume {ckpt}: the recipe changed in fields that change the math ({'; '.join(changed)}). "
+            "Restore those values, or start a new run with another checkpoint.output_dir."
+        )
+    if state.get("data_fingerprint") != data_fingerprint:
+        raise ResumeError(
+            f"cannot resume {ckpt}: the usable training rows differ from the checkpoint's (different file, edits, "
+            "or different rows rejected). Point data.train at the same data."
+        )
+    saved_world = state.get("world_size", 1)
+    if saved_world != world_size:
+        raise ResumeError(
+            f"cannot resume {ckpt}: it was written by {saved_world} process(es) and this run has {world_size}; "
+            f"resume with {saved_world} (the data split and RNG states are per process)."
+        )
 
 
 def load_rank_rng(ckpt: Path, rank: int) -> None:
     path = ckpt / f"rng-rank{rank}.pt"
     if not path.is_file():
-        raise ResumeError(f"{path} is missing: the checkpoint was written by fewer processes; resume with the same number of processes")
+        raise ResumeError(
+            f"{path} is missing: the checkpoint was written by fewer processes; resume with the same number of processes"
+        )
     set_rng_state(torch.load(path, weights_only=False))
-
-
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """`None`/"no" -> fresh run; "auto" -> newest complete checkpoint (or fresh if none); else a path."""
-    if resume in (None, "", "no", "never"):
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    p = Path(resume)
-    if (p / MARKER).is_file():
-        return p
-    if p.is_dir() and complete_checkpoints(p):  # a run folder was given
-        return latest_checkpoint(p)
-    raise ResumeError(f"--resume {resume}: no complete checkpoint there (a folder with a {MARKER} file, or a run folder)")

@@ -68,7 +68,7 @@ def cmd_train(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    train(recipe, resume=args.resume, force=args.force)
+    train(recipe, resume=args.resume, force=args.force, overwrite=args.overwrite)
     return 0
 
 
@@ -196,8 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="GRPO training of LoRA adapters on the 4-bit thinker")
     _recipe_args(p)
-    p.add_argument("--resume", default=None, help="'auto' (newest complete checkpoint in the run folder) or a checkpoint path")
+    p.add_argument("--resume", default=None, help="'auto' (the newest intact checkpoint in the run folder; a fresh "
+                   "start if there is none), a checkpoint folder, or a run folder")
     p.add_argument("--force", action="store_true", help="start even if the planner says the recipe does not fit the GPU")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run folder that holds an earlier run: it is renamed to <folder>.old-<time>, "
+                   "not deleted")
     p.set_defaults(func=cmd_train)
 
     rsub = _add_group(sub, "recipes", "validate or explain recipes")
@@ -272,9 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(build_parser(), argv)
-    from .checkpoints import ResumeError
+    from .checkpoints import CheckpointError
     from .data import DataError
     from .grpo import TrainingError
+    from .jsonl import JsonlError
     from .modeling import ModelLoadError, configure_torch_threads
     from .recipe import RecipeError
 
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, DataError, ResumeError, TrainingError, ModelLoadError) as err:
+    except (RecipeError, DataError, CheckpointError, JsonlError, TrainingError, ModelLoadError) as err:
         print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

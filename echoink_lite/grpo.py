@@ -46,7 +46,7 @@ from .modeling import add_lora, load_processor, load_thinker_from_recipe, multim
 from .preflight import check_memory_fits, preflight_longest_prompts
 from .progress import live_display, phase_progress
 from .prompting import Encoded, PromptTooLongError, encode_row
-from .recipe import Recipe, changed_math_fields
+from .recipe import Recipe
 from .rewards import compute_rewards, resolve_rewards
 from .rollout import RolloutEngine, SamplingParams
 from .thinker_forward import disable_hf_checkpointing, encode_prompts
@@ -116,11 +116,18 @@ class Run:
     counters: dict[str, Any] = field(default_factory=dict)
 
 
-def train(recipe: Recipe, resume: str | None = None, console=None, force: bool = False) -> TrainResult:
-    """Run GRPO for a validated recipe. Safe to call again with resume="auto" after any interruption."""
+def train(recipe: Recipe, resume: str | None = None, console=None, force: bool = False, overwrite: bool = False) -> TrainResult:
+    """Run GRPO for a validated recipe. Safe to call again with resume="auto" after any interruption.
+    A folder holding an earlier run is refused unless resuming it, or with `overwrite` (moves it aside)."""
     console = make_console(console)
     dst = setup_dist()
     run_dir = Path(recipe.checkpoint.output_dir)
+    resuming = ckpt.resume_requested(resume)
+    ckpt.check_run_dir(run_dir, resuming, overwrite)  # every process; reads only
+
+    def note(message: str) -> None:  # run folder and checkpoint warnings, printed once
+        if dst.main:
+            console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
     # -- setup: data (bad rows counted, never silently skipped) and the resume point ------------------
     scan = scan_split(recipe.data.train, open_media=True)
@@ -129,16 +136,18 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     derived = recipe.derived(len(rows), world_size=dst.world)
     total_steps = derived["total_steps"]
     fingerprint = rows_fingerprint(rows)
-    resume_from, state = _resume_point(recipe, run_dir, resume, fingerprint, dst)
+    resume_from, state = _resume_point(recipe, run_dir, resume, fingerprint, dst, note)
     start_step = state.get("step", 0)
     schedule = _saved_schedule(state, recipe) or data_schedule(len(rows), recipe.grpo.prompts_per_step, total_steps,
                                                                 recipe.schedule.seed)
-    if dst.main:  # written only after every resume check passed
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+    if dst.main:
         print_plan(console, recipe, derived, run_dir, start_step, len(scan.rejects), scan.total,
                    engine=_engine_label(recipe, dst))
     check_memory_fits(recipe, dst.device, force, console, TrainingError)
+    if dst.main:  # the first writes, after every check passed (with --overwrite, the earlier run moves aside)
+        ckpt.prepare_run_dir(run_dir, resuming, overwrite, resume_step=start_step if resume_from else None,
+                             recipe_text=recipe.to_yaml(), note=note)
+    dst.barrier()
 
     # -- model: 4-bit thinker, LoRA on the language model only; optimizer; rollout engine ---------------
     run = _build_run(recipe, dst, rows, schedule, total_steps, console)
@@ -163,7 +172,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
 
     # -- the loop ---------------------------------------------------------------------------------------
     writer = MetricsWriter(run_dir, recipe.logging.report_to, recipe.logging.run_name, start_step,
-                           recipe.model_dump(mode="json")) if dst.main else None
+                           recipe.model_dump(mode="json"), note=note) if dst.main else None
     saver = _Saver(run, run_dir, total_steps, fingerprint, start_step)
     # A live bar in a terminal; elsewhere the step lines (with their ETA) are the progress.
     bar = recipe.logging.progress and dst.main and live_display(console)
@@ -431,26 +440,15 @@ def _build_run(recipe: Recipe, dst: Dist, rows, schedule, total_steps: int, cons
                float_dtype=torch_dtype(recipe.model.dtype), console=console)
 
 
-def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, fingerprint: str, dst: Dist) -> tuple[Path | None, dict]:
-    """(checkpoint to resume from, its state) after refusing a changed recipe, data or process count."""
-    resume_from = ckpt.resolve_resume(resume, run_dir)
+def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, fingerprint: str, dst: Dist,
+                  note) -> tuple[Path | None, dict]:
+    """(newest intact checkpoint to resume from, its state) after refusing a changed recipe, data or process
+    count. Damaged checkpoints are skipped with a warning (`note`)."""
+    resume_from = ckpt.resolve_resume(resume, run_dir, warn=note)
     if resume_from is None:
         return None, {}
     state = ckpt.load_state(resume_from)
-    changed = changed_math_fields(state["recipe_math"], recipe)
-    if changed:
-        raise ckpt.ResumeError(
-            f"cannot resume {resume_from}: the recipe changed in fields that change the math:\n  "
-            + "\n  ".join(changed)
-            + "\nFix: restore those values, or start a new run with another checkpoint.output_dir."
-        )
-    if state["data_fingerprint"] != fingerprint:
-        raise ckpt.ResumeError(
-            f"cannot resume {resume_from}: the usable training rows differ from the checkpoint's "
-            "(different file, edits, or different rows rejected). Fix: point data.train at the same data."
-        )
-    if state.get("world_size", 1) != dst.world:
-        raise ckpt.ResumeError(f"checkpoint was written by {state.get('world_size')} processes; resume with the same number")
+    ckpt.check_resumable(state, resume_from, recipe, fingerprint, dst.world)
     return resume_from, state
 
 
