@@ -251,8 +251,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _no_space(err: BaseException) -> bool:
+    """The error, or one it was raised from, is a full disk (or quota)."""
     seen: BaseException | None = err
-    while seen is not None:
+    for _ in range(8):  # the chain of causes, a few links deep
+        if seen is None:
+            break
         if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         text = str(seen)  # safetensors: "I/O error: No space left on device (os error 28)"
@@ -377,7 +380,10 @@ def read_marker(ckpt: Path) -> dict[str, Any] | None:
         raise DamagedCheckpointError(f"{path} is unreadable (not a manifest, not a step number)") from None
     if isinstance(content, int):
         return None
-    if not isinstance(content, dict) or not isinstance(content.get("files"), dict):
+    files = content.get("files") if isinstance(content, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("sha256"), str) for v in files.values()
+    ):
         raise DamagedCheckpointError(f"{path} is unreadable (not a manifest, not a step number)")
     return content
 
@@ -392,9 +398,9 @@ def _check_safetensors_complete(path: Path) -> None:
             raise DamagedCheckpointError(f"{path} is truncated ({size} bytes: its header is incomplete)")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
             raise DamagedCheckpointError(f"{path} has an unreadable header") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end != size:
         raise DamagedCheckpointError(f"{path} has {size} bytes; its header describes {8 + n + end}")
 
