@@ -359,7 +359,7 @@ def run_kit(name: str, recipe, ctx: dict[str, Any], console) -> dict[str, Any]:
     console.rule(f"[bold]{name}")
     try:
         with force_full_length_completions(), time_optimizer_steps(device, opt_times):
-            train(recipe, console=console, force=True)  # force: measure even where the planner says no
+            train(recipe, console=console, force=True, overwrite=True)  # force: measure even where the planner says no; a reused --workdir holds earlier runs
     except torch.cuda.OutOfMemoryError as err:
         status, error = "oom", str(err).splitlines()[0]
     except TrainingError as err:

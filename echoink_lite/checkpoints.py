@@ -30,6 +30,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -198,7 +199,10 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step:
 # Writing: fsync, manifest, and one-line errors for a full disk or an unwritable folder
 # ---------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) RNG states, in types `torch.load(weights_only=True)` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -206,7 +210,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -548,4 +553,85 @@ def load_rank_rng(ckpt: Path, rank: int) -> None:
         raise ResumeError(
             f"{path} is missing: the checkpoint was written by fewer processes; resume with the same number of processes"
         )
-    set_rng_state(torch.load(path, weights_only=False))
+    try:
+        state = torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:  # written before the RNG state was stored as plain lists (a NumPy array)
+        state = torch.load(path, weights_only=False)  # the kit's own file, verified against the marker
+    set_rng_state(state)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The training state: what `grpo.train` resumes from and saves
+# ---------------------------------------------------------------------------------------------------
+def resume_point(run_dir: Path, resume: str | None, recipe, data_fingerprint: str, world_size: int,
+                 warn: Note | None = None) -> tuple[Path | None, dict[str, Any]]:
+    """(checkpoint to resume from, its state), or (None, {}) for a fresh run. Refuses a changed recipe, other
+    data or another process count (`check_resumable`); damaged checkpoints are skipped with a warning."""
+    path = resolve_resume(resume, run_dir, warn=warn)
+    if path is None:
+        return None, {}
+    state = load_state(path)
+    check_resumable(state, path, recipe, data_fingerprint, world_size)
+    return path, state
+
+
+def load_training_state(path: Path, model, optimizer, scheduler, device, rank: int) -> None:
+    """Adapter weights, optimizer, scheduler and this process's RNG states from a verified checkpoint."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .adapters import check_adapter_fits
+
+    check_adapter_fits(model, path / "adapter")
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(device))
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise ResumeError(f"{path}: the adapter has keys this model lacks ({result.unexpected_keys[:3]}); "
+                          "it was written for another base or LoRA setting. Resume with the same recipe.")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    load_rank_rng(path, rank)
+
+
+class Saver:
+    """Saves the training state every `save_every_steps`, every `save_every_minutes` (all processes agree)
+    and at the last step. `state_fn()` returns what state.json records besides the step.
+
+    Rank 0 writes the shared files; a failure there (a full disk) is agreed on by every process and raised
+    on all of them, so none is left waiting at a barrier."""
+
+    def __init__(self, run_dir: Path, dst, model, optimizer, scheduler, checkpoint_cfg, total_steps: int,
+                 start_step: int, state_fn: Callable[[], dict[str, Any]]):
+        self.run_dir, self.dst, self.cfg, self.total_steps = Path(run_dir), dst, checkpoint_cfg, total_steps
+        self.model, self.optimizer, self.scheduler, self.state_fn = model, optimizer, scheduler, state_fn
+        self.last_time, self.last_step = time.time(), start_step
+
+    def _together(self, fn: Callable[[], Any], on_main_only: bool) -> None:
+        error: CheckpointError | None = None
+        if self.dst.main or not on_main_only:
+            try:
+                fn()
+            except CheckpointError as err:
+                error = err
+        if not self.dst.all_ok(error is None):
+            raise error or SaveError(f"saving the checkpoint in {self.run_dir} failed on another process; "
+                                     "its message says why. The previous checkpoint is intact.")
+
+    def save(self, step: int) -> None:
+        tmp = tmp_path_for(self.run_dir, step)
+        self._together(lambda: begin_save(self.run_dir, step), on_main_only=True)
+        self._together(lambda: save_rank_rng(tmp, self.dst.rank), on_main_only=False)
+        state = dict(self.state_fn(), total_steps=self.total_steps, world_size=self.dst.world)
+        self._together(lambda: finish_save(self.run_dir, tmp, step, self.model, self.optimizer, self.scheduler, state,
+                                           self.cfg.keep_last), on_main_only=True)
+        self.last_time, self.last_step = time.time(), step
+
+    def save_if_new(self, step: int) -> None:
+        if step > self.last_step:
+            self.save(step)
+
+    def maybe_save(self, step: int) -> None:
+        due_time = (time.time() - self.last_time) / 60 >= self.cfg.save_every_minutes
+        due_time = bool(self.dst.sum_(torch.tensor([float(due_time)])).item() > 0)  # all processes agree
+        if step % self.cfg.save_every_steps == 0 or due_time or step == self.total_steps:
+            self.save(step)

@@ -29,6 +29,13 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def all_ok(self, ok: bool) -> bool:
+        """True on every process when `ok` is true on every process: a failure on one process (say rank 0
+        writing a checkpoint) then stops all of them, instead of leaving the others waiting at a barrier."""
+        if self.world == 1:
+            return ok
+        return float(self.sum_(torch.tensor([0.0 if ok else 1.0])).item()) == 0.0
+
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over processes; returns a tensor on `t`'s device (reduced on the process group's device)."""
         if self.world == 1:

@@ -136,7 +136,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     derived = recipe.derived(len(rows), world_size=dst.world)
     total_steps = derived["total_steps"]
     fingerprint = rows_fingerprint(rows)
-    resume_from, state = _resume_point(recipe, run_dir, resume, fingerprint, dst, note)
+    resume_from, state = ckpt.resume_point(run_dir, resume, recipe, fingerprint, dst.world, warn=note)
     start_step = state.get("step", 0)
     schedule = _saved_schedule(state, recipe) or data_schedule(len(rows), recipe.grpo.prompts_per_step, total_steps,
                                                                 recipe.schedule.seed)
@@ -144,36 +144,47 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
         print_plan(console, recipe, derived, run_dir, start_step, len(scan.rejects), scan.total,
                    engine=_engine_label(recipe, dst))
     check_memory_fits(recipe, dst.device, force, console, TrainingError)
-    if dst.main:  # the first writes, after every check passed (with --overwrite, the earlier run moves aside)
-        ckpt.prepare_run_dir(run_dir, resuming, overwrite, resume_step=start_step if resume_from else None,
-                             recipe_text=recipe.to_yaml(), note=note)
-    dst.barrier()
-
-    # -- model: 4-bit thinker, LoRA on the language model only; optimizer; rollout engine ---------------
-    run = _build_run(recipe, dst, rows, schedule, total_steps, console)
-    run.counters = dict(state.get("counters") or {})
-    for key in ("skipped_rows", "nonfinite_steps", "nonfinite_in_a_row", "warned_no_signal", "zero_reward_steps"):
-        run.counters.setdefault(key, 0)
-    run.counters.setdefault("bad_rows", [])
-    if resume_from is not None:
-        ckpt_load_training_state(resume_from, run.model, run.optimizer, run.scheduler, dst)
-        if dst.main:
-            console.print(f"[green]resumed from {resume_from} at step {start_step}/{total_steps}[/]")
-    else:
-        torch.manual_seed(recipe.schedule.seed + 1000 * dst.rank)  # sampling streams differ per process
-    dst.barrier()
+    processor = load_processor(recipe.model.name_or_path, recipe.model.revision, max_pixels=recipe.data.max_pixels)
     try:
-        longest = preflight_longest_prompts(rows, run.processor, recipe)
+        longest = preflight_longest_prompts(rows, processor, recipe)
     except PromptTooLongError as err:
         raise TrainingError(f"preflight, before step 1: {err}") from None
     if dst.main:
         console.print(f"preflight: longest prompt {longest} tokens (cap generation.max_prompt_tokens="
                       f"{recipe.generation.max_prompt_tokens})")
 
+    # -- the first writes, after every check passed (with --overwrite, the earlier run moves aside) ----
+    error = None
+    if dst.main:
+        try:
+            ckpt.prepare_run_dir(run_dir, resuming, overwrite, resume_step=start_step if resume_from else None,
+                                 recipe_text=recipe.to_yaml(), note=note)
+        except ckpt.CheckpointError as err:
+            error = err
+    if not dst.all_ok(error is None):
+        raise error or TrainingError(f"rank 0 could not prepare the run folder {run_dir}; its message says why")
+
+    # -- model: 4-bit thinker, LoRA on the language model only; optimizer; rollout engine ---------------
+    run = _build_run(recipe, dst, rows, schedule, total_steps, processor, console)
+    run.counters = dict(state.get("counters") or {})
+    for key in ("skipped_rows", "nonfinite_steps", "nonfinite_in_a_row", "warned_no_signal", "zero_reward_steps"):
+        run.counters.setdefault(key, 0)
+    run.counters.setdefault("bad_rows", [])
+    if resume_from is not None:
+        ckpt.load_training_state(resume_from, run.model, run.optimizer, run.scheduler, dst.device, dst.rank)
+        if dst.main:
+            console.print(f"[green]resumed from {resume_from} at step {start_step}/{total_steps}[/]")
+    else:
+        torch.manual_seed(recipe.schedule.seed + 1000 * dst.rank)  # sampling streams differ per process
+    dst.barrier()
+
     # -- the loop ---------------------------------------------------------------------------------------
     writer = MetricsWriter(run_dir, recipe.logging.report_to, recipe.logging.run_name, start_step,
                            recipe.model_dump(mode="json"), note=note) if dst.main else None
-    saver = _Saver(run, run_dir, total_steps, fingerprint, start_step)
+    saver = ckpt.Saver(run_dir, dst, run.model, run.optimizer, run.scheduler, recipe.checkpoint, total_steps, start_step,
+                       state_fn=lambda: {"data_schedule": run.schedule, "recipe_math": recipe.math_dict(),
+                                         "recipe_hash": recipe.math_hash(), "data_fingerprint": fingerprint,
+                                         "counters": run.counters})
     # A live bar in a terminal; elsewhere the step lines (with their ETA) are the progress.
     bar = recipe.logging.progress and dst.main and live_display(console)
     step, last_metrics = start_step, {}
@@ -205,7 +216,10 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     adapter_dir = None
     if dst.main:
         adapter_dir = run_dir / "adapter"
-        run.model.save_pretrained(adapter_dir, safe_serialization=True)
+        try:
+            run.model.save_pretrained(adapter_dir, safe_serialization=True)
+        except OSError as err:
+            raise ckpt.SaveError(ckpt.write_failure_message(err, adapter_dir, ckpt.latest_checkpoint(run_dir))) from None
         try:
             console.print(f"curves: {plot_run(run_dir)}")
         except FileNotFoundError:
@@ -383,7 +397,7 @@ def _peak_memory(device) -> dict[str, float]:
     return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def _guarded_step(run: Run, step: int, saver: "_Saver") -> dict[str, Any]:
+def _guarded_step(run: Run, step: int, saver: ckpt.Saver) -> dict[str, Any]:
     """`grpo_step`, turning a GPU out-of-memory into a TrainingError that keeps the finished steps."""
     rng_at_step_start = ckpt.rng_state()
     try:
@@ -413,9 +427,8 @@ def _engine_label(recipe: Recipe, dst: Dist) -> str:
     return "CUDA-graph decode" if recipe.generation.cuda_graph else "eager decode (generation.cuda_graph=false)"
 
 
-def _build_run(recipe: Recipe, dst: Dist, rows, schedule, total_steps: int, console) -> Run:
+def _build_run(recipe: Recipe, dst: Dist, rows, schedule, total_steps: int, processor, console) -> Run:
     torch.manual_seed(recipe.schedule.seed)
-    processor = load_processor(recipe.model.name_or_path, recipe.model.revision, max_pixels=recipe.data.max_pixels)
     tok = processor.tokenizer
     base = load_thinker_from_recipe(recipe, device=dst.device)
     # The loss pass checkpoints each decoder layer itself (loss.py); transformers' checkpointing stays off.
@@ -440,18 +453,6 @@ def _build_run(recipe: Recipe, dst: Dist, rows, schedule, total_steps: int, cons
                float_dtype=torch_dtype(recipe.model.dtype), console=console)
 
 
-def _resume_point(recipe: Recipe, run_dir: Path, resume: str | None, fingerprint: str, dst: Dist,
-                  note) -> tuple[Path | None, dict]:
-    """(newest intact checkpoint to resume from, its state) after refusing a changed recipe, data or process
-    count. Damaged checkpoints are skipped with a warning (`note`)."""
-    resume_from = ckpt.resolve_resume(resume, run_dir, warn=note)
-    if resume_from is None:
-        return None, {}
-    state = ckpt.load_state(resume_from)
-    ckpt.check_resumable(state, resume_from, recipe, fingerprint, dst.world)
-    return resume_from, state
-
-
 def _saved_schedule(state: dict, recipe: Recipe) -> list[list[int]] | None:
     if "data_schedule" in state:
         return state["data_schedule"]
@@ -459,52 +460,3 @@ def _saved_schedule(state: dict, recipe: Recipe) -> list[list[int]] | None:
         order, n = state["data_order"], recipe.grpo.prompts_per_step
         return [order[s: s + n] for s in range(0, len(order), n)]
     return None
-
-
-def ckpt_load_training_state(path: Path, model, optimizer, scheduler, dst: Dist) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(dst.device))
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise ckpt.ResumeError(f"{path}: adapter has unexpected keys {result.unexpected_keys[:3]}; was it written by another recipe?")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=dst.device, weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    ckpt.load_rank_rng(path, dst.rank)
-
-
-class _Saver:
-    """Checkpoints every `save_every_steps`, every `save_every_minutes` (all processes agree) and at the end."""
-
-    def __init__(self, run: Run, run_dir: Path, total_steps: int, fingerprint: str, start_step: int):
-        self.run, self.run_dir, self.total_steps, self.fingerprint = run, run_dir, total_steps, fingerprint
-        self.last_time, self.last_step = time.time(), start_step
-
-    def save(self, step: int) -> None:
-        run, dst = self.run, self.run.dst
-        tmp = ckpt.tmp_path_for(self.run_dir, step)
-        if dst.main:
-            ckpt.begin_save(self.run_dir, step)
-        dst.barrier()
-        ckpt.save_rank_rng(tmp, dst.rank)
-        dst.barrier()
-        if dst.main:
-            st = {"total_steps": self.total_steps, "data_schedule": run.schedule, "recipe_math": run.recipe.math_dict(),
-                  "recipe_hash": run.recipe.math_hash(), "data_fingerprint": self.fingerprint, "counters": run.counters,
-                  "world_size": dst.world}
-            ckpt.finish_save(self.run_dir, tmp, step, run.model, run.optimizer, run.scheduler, st,
-                             run.recipe.checkpoint.keep_last)
-        dst.barrier()
-        self.last_time, self.last_step = time.time(), step
-
-    def save_if_new(self, step: int) -> None:
-        if step > self.last_step:
-            self.save(step)
-
-    def maybe_save(self, step: int) -> None:
-        c = self.run.recipe.checkpoint
-        due_time = (time.time() - self.last_time) / 60 >= c.save_every_minutes
-        due_time = bool(self.run.dst.sum_(torch.tensor([float(due_time)])).item() > 0)  # all processes agree
-        if step % c.save_every_steps == 0 or due_time or step == self.total_steps:
-            self.save(step)
