@@ -63,6 +63,31 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+_GPU_MEMORY = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m|tib|tb|t)?\s*$", re.IGNORECASE)
+
+
+def parse_gpu_memory(text: str) -> float:
+    """'24GB', '24', '80GiB', '24 G', '16000MiB' -> GiB. GB is read as GiB: a '24GB' card holds 24 GiB."""
+    m = _GPU_MEMORY.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot read GPU memory '{text}': write e.g. 24GB, 24, 80GiB or 16000MiB")
+    value, unit = float(m.group(1)), (m.group(2) or "g").lower()
+    if unit in ("mib", "mb", "m"):
+        value /= 1024
+    elif unit in ("tib", "tb", "t"):
+        value *= 1024
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"GPU memory must be positive, got '{text}'")
+    return value
+
+
+def cmd_plan(args) -> int:
+    from .plan import plan_command
+
+    return plan_command(args.recipe, args.overrides, gpu_memory_gib=args.gpu_memory, headroom=args.headroom,
+                        text_tokens=args.text_tokens, json_out=args.json_out)
+
+
 def cmd_train(args) -> int:
     from .grpo import train
     from .recipe import load_recipe
@@ -255,11 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(p)
     p.set_defaults(func=export_command)
 
-    from .plan import add_plan_arguments, plan_command
+    from .memory_estimate import DEFAULT_HEADROOM, DEFAULT_TEXT_TOKENS
 
-    p = sub.add_parser("plan", help="estimate peak GPU memory of a recipe and whether it fits")
-    add_plan_arguments(p)
-    p.set_defaults(func=plan_command)
+    text = "estimate peak GPU memory of a recipe (GiB), whether it fits, and which knobs to turn if not"
+    p = sub.add_parser("plan", help=text, description=text)
+    _recipe_args(p)
+    p.add_argument("--gpu-memory", type=parse_gpu_memory, default=None, metavar="SIZE",
+                   help="GPU memory to plan for, e.g. 24GB, 48, 80GiB; GB is read as GiB, what a '24GB' card holds "
+                        "(default: the detected GPU, else 24GB)")
+    p.add_argument("--headroom", type=float, default=DEFAULT_HEADROOM,
+                   help=f"fraction of the GPU kept free for what the estimate cannot see (default {DEFAULT_HEADROOM})")
+    p.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS,
+                   help=f"text tokens per prompt besides audio and image (default {DEFAULT_TEXT_TOKENS}, the paper's prompts)")
+    p.add_argument("--json", dest="json_out", default=None, metavar="FILE", help="also write the estimate as JSON to FILE")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("plot", help="draw reward / accuracy / length curves of a run folder to a PNG")
     p.add_argument("run_dir", help="a run folder written by `train` (holds metrics.jsonl)")

@@ -1,0 +1,540 @@
+"""Peak GPU memory of one training process of a recipe, from the recipe and the model config alone.
+
+No weights are loaded and nothing is downloaded: parameter counts come from the thinker config (a local
+folder's config.json, or for `Qwen/Qwen2.5-Omni-7B` the bundled copy of the real thinker config in
+`echoink_lite/configs/`), and every activation term from the recipe's batch and token sizes.
+`echoink-lite plan` (plan.py) prints the estimate; memory_suggestions.py searches the knobs that make a
+recipe fit.
+
+Units: every size is in GiB (2**30 bytes); the `*_gb` fields hold GiB. GPU sizes are read the same way: a
+"24GB" card holds 24 GiB (24,576 MiB), so `--gpu-memory 24GB` means 24 GiB.
+
+The estimate is a sum of terms held in memory together, where the phases that never overlap count only
+by the largest of them (`MemoryEstimate.formula` holds this tree, and `echoink-lite plan` prints it):
+
+    peak = weights + LoRA training state + largest of (rollout phase, training phase)
+           + CUDA context + allocator reserve
+
+weights
+  - LLM linear layers (q,k,v,o,gate,up,down x layers) in 4-bit: 0.5 byte/param plus the NF4 absmax
+    constants. bitsandbytes quantizes blocks of 64 weights with one absmax each: without double
+    quantization that is one fp32 per 64 params (+0.5 bit/param); with it the absmax is stored in 8 bits
+    (+8/64 = 0.125 bit) plus one fp32 per 256 blocks (+32/(64*256) = 0.002 bit): 4.127 bit/param.
+    Without 4-bit: compute-dtype bytes per param.
+  - unquantized parts in the compute dtype (2 bytes in bf16): embed_tokens, lm_head (4-bit when
+    quantization.quantize_lm_head), norms, the q/k/v biases, the audio and vision towers (their linear
+    layers in 4-bit when quantize_audio_tower / quantize_vision_tower; convolutions, norms and biases
+    stay in the compute dtype).
+LoRA training state: parameters, gradients and the two AdamW moments, all fp32: 16 bytes per parameter.
+rollout phase (rollout.py, no grad, decode batch Br = min(grpo.rollout_batch_size, completions per process)):
+  - the prompt embeddings after the towers, kept for the whole step: prompts x prompt x H x bytes;
+  - the static KV cache: 2 x layers x kv_heads x head_dim x bytes x Br x (prompt + completion), which
+    is 2 x 28 x 4 x 128 x 2 bytes = 56 KiB per token for Qwen2.5-Omni-7B in bf16, preallocated once
+    per decode batch;
+  - the dequantized 4-bit weight (below);
+  - plus the largest of: one prompt's prefill (batch 1: one layer's activations and the prompt's
+    keys/values; lm_head runs on the last position only), one prompt's tower forward, and the decode
+    step's fp32 logits and sampling copies (Br x vocab x 4 bytes x 4).
+training phase (loss.py, per micro-batch of Bm = min(grpo.micro_batch_size, group_size) completions of one
+group; the prompt runs once, Nt = prompt + Bm x completion tokens):
+  - the prompt embeddings (as above) and the dequantized 4-bit weight;
+  - plus the largest of the reference forward and the policy forward + backward, which run one after
+    the other:
+  - the reference forward (beta > 0), without grad: the prompt's keys/values plus one layer's
+    activations for the completion tokens;
+  - the policy forward + backward with gradient checkpointing (the kit's own, per layer): the input of
+    every layer is kept: (layers + 1) x Nt x H x bytes, plus the prompt's keys/values of every layer,
+    plus the largest of
+      - one layer recomputed in backward: its saved tensors and gradient working set for the completion
+        tokens: Bm x completion x (cH H + cKV KV + cI I) x bytes with cH = 16.25, cKV = 2, cI = 5 for
+        the saved tensors (counted on CPU with `torch.autograd.graph.saved_tensors_hooks` on one
+        Qwen2.5-Omni decoder layer with LoRA on its 7 projections, sdpa: RMSNorm keeps fp32 copies,
+        rotary, q/k/v, attention output, MLP intermediates), +6 H +2 I when lora.dropout > 0 (dropout
+        outputs and masks), plus 2 H + 3 I of gradients in flight, plus the layer's prompt + completion
+        keys/values expanded to all heads for sdpa;
+      - the log-prob chunk: min(chunk, Bm x completion) tokens x vocab x (3 x 4 + bytes): bf16 logits,
+        fp32 logits, logsumexp working copy and the gradient (recomputed in backward, never kept);
+    without checkpointing: every layer's saved tensors at once, plus the larger of one layer's gradients
+    and the log-prob chunk.
+Both phases hold one dequantized 4-bit weight (the largest, I x H x bytes) when load_in_4bit.
+Overhead: the CUDA context (a constant 1.0 GiB; 0.83 GiB measured on an H100) and the caching allocator's
+reserve beyond its allocated peak (ALLOCATOR_RESERVE_FRACTION of the peak, with expandable segments on).
+
+Prompt tokens = text tokens (200 when unknown) + 25 audio tokens per second x data.max_audio_seconds
++ data.max_pixels / (patch x merge)^2 image tokens (28 x 28 pixels per token for Qwen2.5-Omni). For the
+paper recipes that is 200 + 250 + 256 = 706; the benchmark's paper-length prompts measured 707 tokens
+(benchmarks/results/*.json, `prompt_tokens`).
+
+Nothing here is a GPU measurement. `benchmarks/bench_grpo.py` measures the same workloads on a GPU, and
+`tests/test_plan.py` holds the estimate to within 15% of every committed measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from .memory_suggestions import Suggestion
+
+GIB = 2**30
+DEFAULT_MODEL_ID = "Qwen/Qwen2.5-Omni-7B"
+BUNDLED_CONFIG = Path(__file__).parent / "configs" / "qwen2_5_omni_7b_thinker.json"
+DEFAULT_TEXT_TOKENS = 200  # template + question + options + instruction, when the real prompt is unknown
+DEFAULT_HEADROOM = 0.10
+DEFAULT_GPU_GIB = 24.0
+CUDA_CONTEXT_GIB = 1.0
+AUDIO_TOKENS_PER_SECOND = 25
+
+# Saved tensors of one decoder layer per token, in compute-dtype elements (see the module docstring).
+SAVED_H, SAVED_KV, SAVED_I = 16.25, 2.0, 5.0
+DROPOUT_H, DROPOUT_I = 6.0, 2.0
+GRAD_H, GRAD_I = 2.0, 3.0
+NOGRAD_H, NOGRAD_I = 4.0, 5.0
+LOGPROB_FP32_COPIES = 3
+DECODE_FP32_COPIES = 4  # decode step: logits, temperature-scaled logits, their log-softmax, the filtered copy
+# Memory the caching allocator holds beyond its allocated peak, as a fraction of that peak. Measured on one
+# H100 (2026-11-26, benchmarks/results/): 0.30 without expandable segments (16.03 GiB reserved for 12.37 GiB
+# allocated), 0.05 with them (19.73 GiB for 18.80 GiB, paper_24gb.yaml under a 24 GiB cap). The kit turns
+# expandable segments on (echoink_lite/__init__.py).
+ALLOCATOR_RESERVE_FRACTION = 0.05
+
+NF4_BLOCK = 64
+NF4_DQ_BLOCK = 256
+
+WEIGHT_KEYS = ("llm_linears", "embed_lm_head", "norms_biases", "audio_tower", "vision_tower")
+
+COMPONENT_LABELS = {
+    "llm_linears": "LLM linear weights",
+    "embed_lm_head": "embed_tokens + lm_head",
+    "norms_biases": "LLM norms + q/k/v biases",
+    "audio_tower": "audio tower",
+    "vision_tower": "vision tower",
+    "lora_state": "LoRA weights + grads + AdamW (fp32, 16 B/param)",
+    "prompt_embeddings": "prompt embeddings after the towers (kept for the step)",
+    "rollout_kv_cache": "static KV cache (decode batch x (prompt + completion))",
+    "rollout_prefill": "prefill of one prompt (one layer + its keys/values)",
+    "rollout_tower_activations": "tower forward (one prompt)",
+    "rollout_decode_logits": "decode step logits and sampling (fp32)",
+    "train_layer_inputs": "checkpointed layer inputs (prompt + micro-batch)",
+    "train_prefix_kv": "the prompt's keys/values, shared by the micro-batch",
+    "train_layer_recompute": "one layer's recompute + gradients",
+    "train_all_layers": "all layers' saved activations (no checkpointing)",
+    "train_layer_grads": "one layer's gradients",
+    "train_logprob_chunk": "log-prob chunk (logits, logsumexp, grad)",
+    "train_reference_forward": "reference forward (no grad)",
+    "dequant_buffer": "dequantized 4-bit weight (largest layer)",
+    "cuda_context": "CUDA context (constant)",
+    "allocator_reserve": "allocator reserve beyond the peak",
+}
+
+
+class PlanError(ValueError):
+    """A model config the planner cannot read; the message says what to pass instead."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model config, without the network
+# ---------------------------------------------------------------------------------------------------
+def bundled_thinker_config() -> dict[str, Any]:
+    return json.loads(BUNDLED_CONFIG.read_text())
+
+
+def _hub_cache_config(name: str, revision: str | None) -> dict[str, Any] | None:
+    """The config of a Hub id if it is already in the local Hugging Face cache (never downloads)."""
+    try:
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(name, revision=revision, local_files_only=True)
+    except Exception:
+        return None
+    if cfg.model_type == "qwen2_5_omni":
+        return cfg.thinker_config.to_dict()
+    if cfg.model_type == "qwen2_5_omni_thinker":
+        return cfg.to_dict()
+    return None
+
+
+def load_thinker_config(name_or_path: str, revision: str | None = None) -> tuple[dict[str, Any], str]:
+    """(thinker config as a dict, where it came from). Local folders are read; Hub ids are never fetched."""
+    if Path(name_or_path).expanduser().is_dir():
+        from .modeling import ModelLoadError, resolve_thinker_config
+
+        try:
+            cfg, _ = resolve_thinker_config(str(Path(name_or_path).expanduser()), revision)
+        except ModelLoadError as err:
+            raise PlanError(str(err)) from None
+        return cfg.to_dict(), f"{name_or_path}/config.json"
+    if name_or_path == DEFAULT_MODEL_ID:
+        return bundled_thinker_config(), f"bundled copy of the {DEFAULT_MODEL_ID} thinker config"
+    cached = _hub_cache_config(name_or_path, revision)
+    if cached is not None:
+        return cached, f"{name_or_path} (local Hugging Face cache)"
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    where = "no such folder here" if looks_local else "not in the local Hugging Face cache"
+    return bundled_thinker_config(), (
+        f"note: no config for '{name_or_path}' ({where}; the planner never downloads): "
+        f"assuming the {DEFAULT_MODEL_ID} thinker sizes"
+    )
+
+
+def _sub(cfg: dict[str, Any], key: str) -> dict[str, Any]:
+    sub = cfg.get(key)
+    if not isinstance(sub, dict):
+        raise PlanError(f"thinker config has no '{key}' section; is this a Qwen2.5-Omni config?")
+    return sub
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the estimate needs, read from a thinker config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    a_dim: int
+    a_layers: int
+    a_ffn: int
+    a_mel: int
+    a_out: int
+    a_positions: int
+    v_dim: int
+    v_depth: int
+    v_inter: int
+    v_in: int
+    v_patch: int
+    v_temporal: int
+    v_merge: int
+    v_out: int
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "Dims":
+        t, a, v = _sub(cfg, "text_config"), _sub(cfg, "audio_config"), _sub(cfg, "vision_config")
+        hidden, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
+        head_dim = int(t.get("head_dim") or hidden // heads)
+        tied = bool(t.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))
+        return cls(
+            hidden=hidden, intermediate=int(t["intermediate_size"]), layers=int(t["num_hidden_layers"]), heads=heads,
+            kv_heads=int(t.get("num_key_value_heads") or heads), head_dim=head_dim, vocab=int(t["vocab_size"]), tied=tied,
+            a_dim=int(a["d_model"]), a_layers=int(a.get("encoder_layers") or a["num_hidden_layers"]),
+            a_ffn=int(a["encoder_ffn_dim"]), a_mel=int(a["num_mel_bins"]), a_out=int(a.get("output_dim") or hidden),
+            a_positions=int(a.get("max_source_positions", 1500)),
+            v_dim=int(v.get("hidden_size") or v["embed_dim"]), v_depth=int(v["depth"]), v_inter=int(v["intermediate_size"]),
+            v_in=int(v.get("in_channels") or v.get("in_chans") or 3), v_patch=int(v.get("patch_size") or 14),
+            v_temporal=int(v.get("temporal_patch_size") or 2), v_merge=int(v.get("spatial_merge_size") or 2),
+            v_out=int(v.get("out_hidden_size") or hidden),
+        )
+
+    @property
+    def q_out(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_out(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Keys and values of every layer for one token, in bf16/fp16 (56 KiB for Qwen2.5-Omni-7B)."""
+        return 2 * self.layers * self.kv_out * 2
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each LLM layer projection."""
+        h, i = self.hidden, self.intermediate
+        return {"q_proj": (h, self.q_out), "k_proj": (h, self.kv_out), "v_proj": (h, self.kv_out), "o_proj": (self.q_out, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def pixels_per_visual_token(self) -> int:
+        return (self.v_patch * self.v_merge) ** 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter counts (tests/test_plan.py checks them against a meta-device model built from the config)
+# ---------------------------------------------------------------------------------------------------
+def count_parameters(cfg: dict[str, Any] | Dims) -> dict[str, int]:
+    """Analytic parameter counts of the thinker, split the way memory is spent."""
+    d = cfg if isinstance(cfg, Dims) else Dims.from_config(cfg)
+    h, L = d.hidden, d.layers
+    llm_linear = L * sum(i * o for i, o in d.projection_shapes().values())
+    llm_bias = L * (d.q_out + 2 * d.kv_out)  # Qwen2: biases on q, k, v only
+    llm_norms = L * 2 * h + h
+    embed = d.vocab * h
+    lm_head = 0 if d.tied else d.vocab * h
+
+    a, f = d.a_dim, d.a_ffn
+    audio_linear = d.a_layers * (4 * a * a + 2 * a * f) + d.a_out * a  # q,k,v,out, fc1, fc2; proj
+    audio_other = (
+        a * d.a_mel * 3 + a + a * a * 3 + a  # conv1, conv2 (weights + biases)
+        + 2 * d.a_out  # audio_bos_eos_token embedding
+        + d.a_layers * (3 * a + 4 * a + f + a)  # q,v,out biases; two LayerNorms; fc1, fc2 biases
+        + 2 * a + d.a_out  # ln_post; proj bias
+    )
+    v, vi, m2 = d.v_dim, d.v_inter, d.v_dim * d.v_merge**2
+    vision_linear = d.v_depth * (4 * v * v + 3 * v * vi) + m2 * m2 + d.v_out * m2
+    vision_other = (
+        v * d.v_in * d.v_temporal * d.v_patch**2  # patch embedding (Conv3d, no bias)
+        + d.v_depth * (2 * v + 4 * v + 2 * vi + v)  # two RMSNorms; q,k,v,proj biases; gate, up, down biases
+        + v + m2 + d.v_out  # merger ln_q; merger MLP biases
+    )
+    out = {
+        "llm_linear": llm_linear, "llm_bias": llm_bias, "llm_norms": llm_norms, "embed_tokens": embed, "lm_head": lm_head,
+        "audio_linear": audio_linear, "audio_other": audio_other, "vision_linear": vision_linear, "vision_other": vision_other,
+    }
+    out["llm"] = llm_linear + llm_bias + llm_norms + embed + lm_head
+    out["audio_tower"] = audio_linear + audio_other
+    out["vision_tower"] = vision_linear + vision_other
+    out["total"] = out["llm"] + out["audio_tower"] + out["vision_tower"]
+    out["audio_position_buffer"] = d.a_positions * a  # a buffer, not a parameter, but it takes memory
+    return out
+
+
+def lora_parameter_count(cfg: dict[str, Any] | Dims, r: int, target_modules: list[str]) -> int:
+    d = cfg if isinstance(cfg, Dims) else Dims.from_config(cfg)
+    shapes = d.projection_shapes()
+    return d.layers * sum(r * (shapes[t][0] + shapes[t][1]) for t in target_modules if t in shapes)
+
+
+def nf4_bits_per_param(double_quant: bool) -> float:
+    if double_quant:
+        return 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * NF4_DQ_BLOCK)
+    return 4 + 32 / NF4_BLOCK
+
+
+def bytes_per_element(dtype: str) -> int:
+    return {"bfloat16": 2, "float16": 2, "float32": 4}[dtype]
+
+
+def prompt_token_estimate(recipe: Recipe, dims: Dims, text_tokens: int = DEFAULT_TEXT_TOKENS) -> dict[str, int]:
+    audio = int(math.ceil(AUDIO_TOKENS_PER_SECOND * recipe.data.max_audio_seconds))
+    image = int(recipe.data.max_pixels // dims.pixels_per_visual_token)
+    return {"text": int(text_tokens), "audio": audio, "image": image, "prompt": int(text_tokens) + audio + image}
+
+
+def detected_gpu_memory_gib() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory / GIB
+    except Exception:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The shape of the formula: terms in memory together add up; of alternatives only the largest counts
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Terms:
+    """A group of terms of the estimate. `combine` is "sum" for terms held in memory at the same time, or
+    "largest" for alternatives that never are (phases that run one after the other): only the largest of
+    those counts. A term is a component key (of `MemoryEstimate.components`) or a nested group."""
+
+    combine: str
+    name: str
+    terms: tuple[Union[str, "Terms"], ...]
+
+
+def together(name: str, *terms: str | Terms) -> Terms:
+    return Terms("sum", name, terms)
+
+
+def largest_of(name: str, *terms: str | Terms) -> Terms:
+    return Terms("largest", name, terms)
+
+
+def term_size(term: str | Terms, components: dict[str, float]) -> float:
+    """The size of a term: a component's size, a group's sum, or an alternative group's largest member."""
+    if isinstance(term, str):
+        return components[term]
+    sizes = [term_size(t, components) for t in term.terms]
+    return sum(sizes) if term.combine == "sum" else max(sizes)
+
+
+def largest_member(group: Terms, components: dict[str, float]) -> str | Terms:
+    """The member of a "largest" group that counts (the first one on a tie)."""
+    sizes = [term_size(t, components) for t in group.terms]
+    return group.terms[sizes.index(max(sizes))]
+
+
+def find_group(term: str | Terms, name: str) -> Terms | None:
+    """The group called `name` inside `term`, or None."""
+    if isinstance(term, str):
+        return None
+    if term.name == name:
+        return term
+    return next((g for g in (find_group(t, name) for t in term.terms) if g is not None), None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimate
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class MemoryEstimate:
+    """Every size in GiB (2**30 bytes), the `*_gb` fields included."""
+
+    components: dict[str, float]  # every term of the formula
+    phases: dict[str, float]  # weights, lora_state, rollout, training, overhead
+    total_gb: float
+    gpu_memory_gb: float
+    headroom: float
+    fits: bool
+    formula: Terms | None = None  # how the components add up to total_gb (see Terms)
+    suggestions: list["Suggestion"] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    config_source: str = ""
+
+    @property
+    def budget_gb(self) -> float:
+        """What the estimate must stay under: the GPU memory less the headroom."""
+        return self.gpu_memory_gb * (1 - self.headroom)
+
+    @property
+    def torch_peak_gb(self) -> float:
+        """The estimate without the CUDA context: comparable to torch.cuda.max_memory_reserved()."""
+        return self.total_gb - self.components["cuda_context"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["suggestions"] = [dict(asdict(s), text=str(s), overrides=s.overrides) for s in self.suggestions]
+        d["budget_gb"], d["torch_peak_gb"] = self.budget_gb, self.torch_peak_gb
+        return d
+
+
+def estimate_memory(recipe: Recipe, gpu_memory_gb: float | None = None, *, config: dict[str, Any] | None = None,
+                    prompt_tokens: int | None = None, text_tokens: int = DEFAULT_TEXT_TOKENS,
+                    headroom: float = DEFAULT_HEADROOM, suggest: bool = True, config_source: str | None = None) -> MemoryEstimate:
+    """Peak GPU memory of one training process of `recipe` (see the module docstring for the formula).
+
+    `gpu_memory_gb`: the GPU's memory in GiB (default: the detected GPU, else 24).
+    `config`: a thinker config dict (default: read for recipe.model.name_or_path without the network).
+    `prompt_tokens`: a measured prompt length, instead of text_tokens + audio + image tokens.
+    `suggest`: when the recipe does not fit, also search the changes that make it fit (memory_suggestions.py).
+    """
+    if config is None:
+        config, source = load_thinker_config(recipe.model.name_or_path, recipe.model.revision)
+        config_source = config_source or source
+    d = Dims.from_config(config)
+    notes: list[str] = []
+    if config_source and config_source.startswith("note:"):
+        notes.append(config_source[len("note: "):])
+    if gpu_memory_gb is None:
+        gpu_memory_gb = detected_gpu_memory_gib() or DEFAULT_GPU_GIB
+    p = count_parameters(d)
+    cb = bytes_per_element(recipe.model.dtype)
+    q = recipe.quantization
+    q4 = nf4_bits_per_param(q.double_quant) / 8  # bytes per quantized param
+
+    tok = prompt_token_estimate(recipe, d, text_tokens)
+    if prompt_tokens is not None:
+        tok = {"text": None, "audio": None, "image": None, "prompt": int(prompt_tokens)}
+    Tp = tok["prompt"]
+    C = recipe.generation.max_completion_tokens
+    T = Tp + C
+    if Tp > recipe.generation.max_prompt_tokens:
+        notes.append(f"prompts of ~{Tp} tokens exceed generation.max_prompt_tokens={recipe.generation.max_prompt_tokens}: "
+                     "training refuses them; raise the cap or lower data.max_audio_seconds / data.max_pixels")
+    if recipe.model.dtype == "float16":
+        notes.append("model.dtype float16 (for GPUs without bf16, e.g. T4): same memory as bf16, watch for overflow")
+    derived = recipe.derived()
+    per_step = derived["completions_per_process"]
+    Br = min(recipe.grpo.rollout_batch_size, per_step)
+    Bm = min(recipe.grpo.micro_batch_size, recipe.grpo.group_size)  # a micro-batch holds one group's completions
+    H, I, L, V, KV = d.hidden, d.intermediate, d.layers, d.vocab, d.kv_out
+
+    comp: dict[str, float] = {}
+    # weights
+    comp["llm_linears"] = p["llm_linear"] * (q4 if q.load_in_4bit else cb)
+    lm_head_bytes = q4 if (q.load_in_4bit and q.quantize_lm_head) else cb
+    comp["embed_lm_head"] = p["embed_tokens"] * cb + p["lm_head"] * lm_head_bytes
+    comp["norms_biases"] = (p["llm_bias"] + p["llm_norms"]) * cb
+    comp["audio_tower"] = (p["audio_linear"] * (q4 if q.load_in_4bit and q.quantize_audio_tower else cb)
+                           + (p["audio_other"] + p["audio_position_buffer"]) * cb)
+    comp["vision_tower"] = p["vision_linear"] * (q4 if q.load_in_4bit and q.quantize_vision_tower else cb) + p["vision_other"] * cb
+    n_lora = lora_parameter_count(d, recipe.lora.r, recipe.lora.target_modules)
+    comp["lora_state"] = n_lora * 16
+
+    # held in both phases
+    prompts_local = derived["completions_per_process"] // recipe.grpo.group_size
+    comp["prompt_embeddings"] = prompts_local * Tp * H * cb  # kept for the whole step (rollout, reference, policy)
+    comp["dequant_buffer"] = I * H * cb if q.load_in_4bit else 0
+
+    # rollout phase (rollout.py): a static KV cache for a decode batch, one prompt prefilled at a time
+    kv_tok = 2 * L * KV * cb
+    comp["rollout_kv_cache"] = Br * T * kv_tok
+    comp["rollout_prefill"] = Tp * (H + NOGRAD_H * H + NOGRAD_I * I) * cb + Tp * kv_tok  # batch 1, one layer + its KV
+    seconds = recipe.data.max_audio_seconds
+    patches = int(recipe.data.max_pixels // (d.v_patch**2))
+    comp["rollout_tower_activations"] = (  # towers run once per prompt, batch 1
+        100 * seconds * 2 * d.a_dim  # conv1 output and its GELU (100 feature frames per second)
+        + 50 * seconds * (6 * d.a_dim + 2 * d.a_ffn)  # one encoder layer (50 positions per second after conv2)
+        + patches * (6 * d.v_dim + 3 * d.v_inter)  # one vision block
+        + d.a_mel * 3000  # the Whisper features, always padded to 30 s
+    ) * cb
+    comp["rollout_decode_logits"] = Br * V * 4 * DECODE_FP32_COPIES
+    rollout = together("rollout", "prompt_embeddings", "rollout_kv_cache", "dequant_buffer",
+                       largest_of("rollout_step", "rollout_prefill", "rollout_tower_activations", "rollout_decode_logits"))
+
+    # training phase (loss.py): per micro-batch the prompt runs once (Tp tokens) and Bm completions of C
+    # tokens attend to its keys/values
+    Nc = Bm * C  # completion tokens of a micro-batch
+    Nt = Tp + Nc
+    saved_h = SAVED_H + (DROPOUT_H if recipe.lora.dropout > 0 else 0)
+    saved_i = SAVED_I + (DROPOUT_I if recipe.lora.dropout > 0 else 0)
+    prefix_kv = Tp * kv_tok  # the prompt's keys/values of every layer, kept for the completions
+    attention_kv = 2 * Bm * T * d.q_out * cb  # one layer's prompt + completion keys/values, expanded to all heads
+    layer_saved = Nc * (saved_h * H + SAVED_KV * KV + saved_i * I) * cb + attention_kv
+    layer_grads = Nc * (GRAD_H * H + GRAD_I * I) * cb
+    chunk = min(recipe.grpo.logprob_chunk_tokens, Nc)
+    comp["train_logprob_chunk"] = chunk * V * (LOGPROB_FP32_COPIES * 4 + cb)
+    comp["train_reference_forward"] = (prefix_kv + Nc * (H + NOGRAD_H * H + NOGRAD_I * I) * cb + attention_kv) if recipe.grpo.beta > 0 else 0.0
+    comp["train_prefix_kv"] = prefix_kv
+    if recipe.model.gradient_checkpointing:
+        comp["train_layer_inputs"] = (L + 1) * Nt * H * cb
+        comp["train_layer_recompute"] = layer_saved + layer_grads
+        policy = together("policy", "train_layer_inputs", "train_prefix_kv",
+                          largest_of("backward_step", "train_layer_recompute", "train_logprob_chunk"))
+    else:
+        comp["train_all_layers"] = L * (layer_saved + Tp * (saved_h * H + SAVED_KV * KV + saved_i * I) * cb) + Nt * H * cb
+        comp["train_layer_grads"] = layer_grads
+        policy = together("policy", "train_all_layers", "train_prefix_kv",
+                          largest_of("backward_step", "train_layer_grads", "train_logprob_chunk"))
+    training = together("training", "prompt_embeddings", "dequant_buffer",
+                        largest_of("reference_or_policy", "train_reference_forward", policy))
+
+    # the peak: one phase at a time, then what torch's allocator and CUDA hold beyond it
+    comp["cuda_context"] = CUDA_CONTEXT_GIB * GIB
+    weights = together("weights", *WEIGHT_KEYS)
+    torch_peak = together("torch_peak", weights, "lora_state", largest_of("phase", rollout, training))
+    comp["allocator_reserve"] = ALLOCATOR_RESERVE_FRACTION * term_size(torch_peak, comp)
+    overhead = together("overhead", "cuda_context", "allocator_reserve")
+    formula = together("peak", weights, "lora_state", largest_of("phase", rollout, training), overhead)
+
+    phases = {name: term_size(group, comp) / GIB for name, group in (
+        ("weights", weights), ("lora_state", "lora_state"), ("rollout", rollout), ("training", training), ("overhead", overhead))}
+    total_gb = term_size(formula, comp) / GIB
+    params = dict(p, lora=n_lora)
+    tokens = {**{k: v for k, v in tok.items() if v is not None}, "completion": C, "sequence": T,
+              "rollout_batch": Br, "micro_batch": Bm}
+    est = MemoryEstimate(components={k: v / GIB for k, v in comp.items()}, phases=phases, total_gb=total_gb,
+                         gpu_memory_gb=float(gpu_memory_gb), headroom=headroom,
+                         fits=total_gb <= gpu_memory_gb * (1 - headroom), formula=formula, notes=notes, tokens=tokens,
+                         params=params, config_source=config_source or "")
+    if suggest and not est.fits:
+        from .memory_suggestions import suggest_changes  # imported here: the search itself calls estimate_memory
+
+        est.suggestions = suggest_changes(recipe, est, config=config, prompt_tokens=prompt_tokens, text_tokens=text_tokens)
+    return est
