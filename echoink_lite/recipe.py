@@ -463,6 +463,7 @@ TRL_GRPO_CONFIG: dict[str, tuple[tuple[str, ...], str]] = {
     "generation.temperature": (("temperature",), "temperature"),
     "generation.top_p": (("top_p",), "top_p (TRL's default is 1.0)"),
     "generation.top_k": (("top_k",), "top_k (TRL's default is 0)"),
+    "generation.cuda_graph": (_NONE, "none (TRL generates with transformers' generate or vLLM)"),
     "schedule.learning_rate": (("learning_rate",), "learning_rate"),
     "schedule.lr_scheduler": (("lr_scheduler_type",), "lr_scheduler_type"),
     "schedule.warmup_steps": (("warmup_steps",), "warmup_steps"),
