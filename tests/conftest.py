@@ -64,3 +64,58 @@ def engine_setup(tiny_model_dir, synth_dir):
     assert len({e.length for e in encoded}) == 3
     prompts = encode_prompts(model, encoded, "cpu", torch.float32)
     return proc, model, encoded, prompts
+
+
+def tiny_thinker_variant(tiny_model_dir, layers: int | None = None, hidden: int | None = None):
+    """A tiny thinker in memory that differs from `tiny_model_dir` in depth (`layers`) or width (`hidden`)."""
+    from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
+
+    from echoink_lite.tiny import tiny_thinker_config
+
+    cfg = tiny_thinker_config(AutoTokenizer.from_pretrained(str(tiny_model_dir)))
+    text = cfg.text_config
+    if layers is not None:
+        text.num_hidden_layers = layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = [text.layer_types[0]] * layers
+    if hidden is not None:  # 4 heads -> head_dim hidden/4: mrope_section must sum to head_dim/2
+        text.hidden_size = hidden
+        rope = dict(getattr(text, "rope_parameters", None) or text.rope_scaling)
+        third = hidden // 4 // 2 // 3
+        rope["mrope_section"] = [third, third, hidden // 8 - 2 * third]
+        if getattr(text, "rope_parameters", None) is not None:
+            text.rope_parameters = rope
+        else:
+            text.rope_scaling = rope
+        cfg.audio_config.output_dim = hidden
+        cfg.vision_config.out_hidden_size = hidden
+    torch.manual_seed(0)
+    return Qwen2_5OmniThinkerForConditionalGeneration(cfg).float()
+
+
+@pytest.fixture(scope="session")
+def mismatched_adapters(tiny_model_dir, tmp_path_factory):
+    """LoRA adapters (r=4, B perturbed) trained on tiny thinkers other than `tiny_model_dir`: "deeper" (6
+    layers, the base has 4), "shallower" (2 layers) and "narrower" (hidden size 96, the base has 128). Each
+    records `tiny_model_dir` as its base in adapter_config.json, as an adapter moved between bases would."""
+    import json
+
+    from echoink_lite.modeling import add_lora
+    from echoink_lite.recipe import LoraSection
+
+    root = tmp_path_factory.mktemp("mismatched-adapters")
+    variants = {"deeper": dict(layers=6), "shallower": dict(layers=2), "narrower": dict(hidden=96)}
+    out = {}
+    for name, kw in variants.items():
+        model = add_lora(tiny_thinker_variant(tiny_model_dir, **kw), LoraSection(r=4, alpha=8), gradient_checkpointing=False)
+        g = torch.Generator().manual_seed(0)
+        for pname, p in model.named_parameters():
+            if "lora_B" in pname:
+                p.data = torch.randn(p.shape, generator=g) * 0.05
+        model.save_pretrained(root / name)
+        cfg_file = root / name / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["base_model_name_or_path"] = str(tiny_model_dir)
+        cfg_file.write_text(json.dumps(cfg, indent=2))
+        out[name] = root / name
+    return out
