@@ -62,7 +62,7 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
     import torch
 
     from .data import derange, scan_split
-    from .evaluate import EvalConfig, evaluate_rows, load_model, print_summary
+    from .evaluate import EvalConfig, evaluate_rows, load_eval_model, load_model, print_summary
     from .grpo import train
     from .infer import infer
     from .merge import merge_adapter
@@ -106,11 +106,11 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
     console.rule("[bold]5/7 evaluation on the validation split: before vs after GRPO, and the modality check")
     cfg = EvalConfig(model=str(out / "warm-model"), adapter=str(result.adapter_dir), data=str(out / "data" / "valid"),
                      out=str(out / "eval" / "predictions.jsonl"), batch_size=64, max_new_tokens=24,
-                     max_audio_seconds=1.0, load_in_4bit=True, dtype="float32", compare_base=True)
+                     max_audio_seconds=1.0, dtype="float32", device="cpu", compare_base=True)  # base in NF4, as trained
     predictions = out / "eval" / "predictions.jsonl"
     if predictions.exists():
         predictions.unlink()  # the demo measures afresh each time
-    model, processor = load_model(cfg.model, adapter=cfg.adapter, dtype="float32", load_in_4bit=True, device="cpu")
+    model, processor = load_eval_model(cfg)
     rows = scan_split(cfg.data).rows
     with model.disable_adapter():
         before = evaluate_rows(model, processor, rows, cfg, predictions, "before GRPO (base)", console)

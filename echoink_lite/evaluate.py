@@ -14,7 +14,15 @@ Why it is built this way:
   flushed after each batch; a rerun with the same ``--out`` skips the (row, sample) pairs already written
   for the same label and counts them in the metrics. Each line carries a short hash of the settings that
   shape a completion (model, adapter, decoding, media caps, parse rule); a rerun with other settings
-  refuses to mix its lines with the old ones instead of silently reporting a blend.
+  refuses to mix its lines with the old ones instead of silently reporting a blend. The adapter enters
+  that hash by its content (``adapters.adapter_content_hash``), not its path: training again into the same
+  run folder must not be answered with the old adapter's predictions.
+- **The base the adapter was trained on.** Without ``--model`` the base is the one the adapter's own
+  ``adapter_config.json`` names, and the command says so. The base is loaded with the quantization the
+  adapter was trained on (NF4 for a QLoRA run, read from the run's ``recipe.yaml``), since the adapter
+  learned to correct that base's weights; ``--quantization nf4|none`` overrides it. The summary prints
+  which was used. The adapter is checked against the base before PEFT loads it
+  (``adapters.check_adapter_fits``).
 - **Bad rows are counted, never dropped silently.** Rows the data scan rejects, rows whose media fail to
   decode, and prompts over ``max_prompt_tokens`` are reported per reason; accuracy is over the rows that
   were evaluated, and the bad-row counts sit next to it in the table and the summary.
@@ -41,6 +49,7 @@ from typing import Any
 
 import torch
 
+from .adapters import adapter_base_model, adapter_content_hash, training_quantization
 from .answer_protocol import format_ok, parse_answer
 from .data import DataError, Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .modeling import (
@@ -66,9 +75,12 @@ class EvalError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 
+QUANTIZATION_CHOICES = ("auto", "nf4", "none")
+
+
 @dataclass
 class EvalConfig:
-    model: str = "Qwen/Qwen2.5-Omni-7B"  # base checkpoint (Hub id or folder); ignored for weights with `merged`
+    model: str | None = None  # base checkpoint (Hub id or folder); None: the adapter's base_model_name_or_path
     adapter: str | None = None  # saved LoRA adapter folder, applied on `model`
     merged: str | None = None  # merged checkpoint folder, loaded instead of `model`
     data: str = "data/avqa/valid"  # split folder or its JSON list
@@ -88,7 +100,7 @@ class EvalConfig:
     limit: int | None = None  # first N usable rows
     max_bad_fraction: float = 1.0  # eval reports bad rows; raise the bar with a lower value
     dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
-    load_in_4bit: bool = False
+    quantization: str = "auto"  # of the base: "auto" (as the adapter was trained, else none), "nf4" or "none"
     compare_base: bool = False
     device: str | None = None
 
@@ -108,6 +120,8 @@ class EvalConfig:
             raise EvalError(f"--limit must be at least 1, got {self.limit}")
         if self.dtype is not None and self.dtype not in ("bfloat16", "float16", "float32"):
             raise EvalError(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise EvalError(f"--quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, not {self.quantization!r}")
 
     @property
     def parse_rule(self) -> str:
@@ -126,20 +140,92 @@ class EvalConfig:
             return Path(self.out)
         return Path(self.adapter or self.merged or "eval") / "predictions.jsonl"
 
+    def resolved_model(self) -> tuple[str | None, str]:
+        """(base model, where it came from); see `resolve_base_model`."""
+        return resolve_base_model(self.model, self.adapter, self.merged)
+
+    def base_quantization(self):
+        """(QuantizationSection or None, description); see `resolve_quantization`."""
+        return resolve_quantization(self.quantization, None if self.merged else self.adapter)
+
+
+def resolve_base_model(model: str | None, adapter: str | None, merged: str | None) -> tuple[str | None, str]:
+    """(base model, where it came from). Without `model` an adapter's base is the one its own
+    adapter_config.json names; a merged folder needs none (its processor may come from `model`)."""
+    if model:
+        return model, "--model"
+    if adapter:
+        base = adapter_base_model(adapter)
+        if not base:
+            raise EvalError(f"--model not given, and {Path(adapter) / 'adapter_config.json'} names no base_model_name_or_path. "
+                            "Fix: pass --model with the base the adapter was trained on.")
+        return base, f"{Path(adapter) / 'adapter_config.json'}"
+    if merged:
+        return None, "--merged"
+    raise EvalError("nothing to evaluate: pass --model BASE (Hub id or folder), --adapter DIR (its base is read from "
+                    "its adapter_config.json) or --merged DIR")
+
+
+def resolve_quantization(choice: str, adapter: str | None):
+    """(QuantizationSection or None, description) of the base the adapter is applied on.
+
+    "auto": as the adapter was trained, read from its run's recipe.yaml (RUN/recipe.yaml beside RUN/adapter
+    or RUN/checkpoints/step-N/adapter); without an adapter, or without that file, unquantized. "nf4": the
+    kit's QLoRA default (4-bit NF4, double quantization). "none": unquantized.
+    """
+    from .recipe import QuantizationSection
+
+    if choice == "nf4":
+        return QuantizationSection(load_in_4bit=True), "nf4 (--quantization nf4)"
+    if choice == "none" or not adapter:
+        return None, "none" + (" (--quantization none)" if choice == "none" else "")
+    section, recipe_file = training_quantization(adapter)
+    if recipe_file is None:
+        return None, (f"none (default: no recipe.yaml beside {adapter} or its run folder; pass --quantization nf4 "
+                      "if it was trained on a 4-bit base)")
+    if not section.load_in_4bit:
+        return None, f"none, as trained ({recipe_file})"
+    return section, f"{section.quant_type}, as trained ({recipe_file})"
+
+
+def _quantization_label(section) -> str:
+    return "none" if section is None else f"{section.quant_type}:{section.model_dump_json()}"
+
+
+def _weights_id(name: str | None):
+    """A name for base or merged weights that changes when a local folder's weight files are rewritten
+    (path, and each weight file's size and modification time; hashing many GB would take minutes)."""
+    if name is None:
+        return None
+    p = Path(name).expanduser()
+    if not p.is_dir():
+        return name  # a Hub id
+    files = sorted(f for f in p.iterdir() if f.suffix == ".safetensors" or f.name == "config.json")
+    return [str(p.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
+
 
 def _source_id(path: str | None) -> str | None:
-    """A stable name for a model/adapter/data source: the resolved folder if local, else the Hub id."""
+    """A stable name for a data source: the resolved path if local, else as given."""
     if path is None:
         return None
     p = Path(path).expanduser()
     return str(p.resolve()) if p.exists() else path
 
 
+def adapter_hash(cfg: EvalConfig, label: str) -> str | None:
+    """Short content hash of the adapter a label's predictions come from (None for the base)."""
+    if label == "base" or not cfg.adapter:
+        return None
+    return adapter_content_hash(cfg.adapter)[:12]
+
+
 def settings_hash(cfg: EvalConfig, label: str) -> str:
     """Short hash of everything that shapes a (row, sample) line; resumed lines must match it."""
+    model = cfg.model or (adapter_base_model(cfg.adapter) if cfg.adapter else None)
+    quantization, _description = cfg.base_quantization()
     settings = {
-        "weights": _source_id(cfg.merged or cfg.model),
-        "adapter": None if label == "base" else _source_id(cfg.adapter),
+        "weights": _weights_id(cfg.merged or model),
+        "adapter": adapter_hash(cfg, label),
         "data": _source_id(cfg.data),
         "max_new_tokens": cfg.max_new_tokens,
         "do_sample": cfg.do_sample,
@@ -147,9 +233,18 @@ def settings_hash(cfg: EvalConfig, label: str) -> str:
         "parse_rule": cfg.parse_rule,
         "media": [cfg.max_audio_seconds, cfg.max_pixels],
         "dtype": cfg.resolved_dtype(),
-        "load_in_4bit": cfg.load_in_4bit,
+        "quantization": _quantization_label(quantization),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def split_name(data: str | Path) -> str:
+    """The name of a split for reports: its folder's name (".../avqa/valid" -> "valid"), also when given
+    as the AVQA list inside it, else the file's stem. Never a local path."""
+    p = Path(data)
+    if p.suffix.lower() in (".json", ".jsonl"):
+        return p.parent.name if p.name.startswith("omni_rl_format") and p.parent.name else p.stem
+    return p.name or str(data)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,48 +253,45 @@ def settings_hash(cfg: EvalConfig, label: str) -> str:
 
 
 def load_model(
-    model: str,
+    model: str | None,
     adapter: str | None = None,
     merged: str | None = None,
     dtype: str = "float32",
-    load_in_4bit: bool = False,
+    quantization=None,
     device: str | torch.device | None = None,
     max_pixels: int = 256 * 28 * 28,
 ):
     """(model in eval mode, processor) for a base checkpoint, base + adapter, or a merged checkpoint.
 
-    Shared by `eval` and `infer`. A merged folder is loaded as the base (thinker-only or full Omni both
-    work); its processor is read from it when it holds one, else from `model`.
+    Shared by `eval` and `infer`. `quantization` is a recipe QuantizationSection for the base (None:
+    unquantized). The adapter is checked against the loaded base before it is attached (one-line
+    adapters.AdapterError on a mismatch). A merged folder is loaded as the base (thinker-only or full Omni
+    both work); its processor is read from it when it holds one, else from `model`.
     """
-    quantization = None
-    if load_in_4bit:
-        from .recipe import QuantizationSection
-
-        quantization = QuantizationSection(load_in_4bit=True)
     weights = merged or model
+    if adapter:
+        adapter_base_model(adapter)  # a missing or broken adapter folder fails before minutes of model loading
     try:
         processor = load_processor(weights, max_pixels=max_pixels)
     except ModelLoadError:
-        if not merged:
+        if not (merged and model):
             raise
         processor = load_processor(model, max_pixels=max_pixels)
     thinker = load_thinker(weights, dtype=dtype, quantization=quantization, device=device)
     if adapter:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise ModelLoadError(
-                f"{adapter} holds no adapter_config.json; pass the adapter folder a training run saved "
-                "(e.g. runs/NAME/adapter), or use --merged for a merged checkpoint"
-            )
-        thinker = load_adapter(thinker, adapter)
+        thinker = load_adapter(thinker, adapter, base_name=weights,
+                               fix="pass --model the base model the adapter was trained on")
     thinker.eval()
     return thinker, processor
 
 
 def load_eval_model(cfg: EvalConfig):
     """(model, processor) for an EvalConfig: base, base + adapter (a PeftModel) or merged."""
+    model, _source = cfg.resolved_model()
+    quantization, _description = cfg.base_quantization()
     return load_model(
-        cfg.model, adapter=cfg.adapter, merged=cfg.merged, dtype=cfg.resolved_dtype(),
-        load_in_4bit=cfg.load_in_4bit, device=cfg.resolved_device(), max_pixels=cfg.max_pixels,
+        model, adapter=cfg.adapter, merged=cfg.merged, dtype=cfg.resolved_dtype(),
+        quantization=quantization, device=cfg.resolved_device(), max_pixels=cfg.max_pixels,
     )
 
 
@@ -240,14 +332,16 @@ class EvalResult:
         return out
 
 
-def _read_done(path: Path, label: str, settings: str) -> dict[tuple[str, int], dict[str, Any]]:
-    """Lines already written for `label`, keyed by (problem_id as text, sample). Refuses other settings."""
+def _read_done(path: Path, label: str, settings: str, adapter: str | None = None) -> dict[tuple[str, int], dict[str, Any]]:
+    """Lines already written for `label`, keyed by (problem_id as text, sample). Refuses other settings;
+    `adapter` (the adapter's short content hash) lets the refusal say when the adapter itself changed."""
     from .jsonl import JsonlError, read_jsonl
 
     done: dict[tuple[str, int], dict[str, Any]] = {}
     if not path.is_file():
         return done
     mismatched = 0
+    other_adapter = None
     try:  # a last line cut short by a crash is cut from the file (strict JSONL readers); that pair runs again
         records, _ = read_jsonl(path, repair=True)
     except JsonlError as err:
@@ -257,8 +351,16 @@ def _read_done(path: Path, label: str, settings: str) -> dict[tuple[str, int], d
             continue
         if rec.get("settings") != settings:
             mismatched += 1
+            if adapter is not None and rec.get("adapter") not in (None, adapter):
+                other_adapter = rec["adapter"]
             continue
         done[(str(rec["problem_id"]), int(rec["sample"]))] = rec
+    if other_adapter is not None:
+        raise EvalError(
+            f"{path} holds {mismatched} '{label}' predictions of another adapter (content {other_adapter}; the adapter "
+            f"is now {adapter}): it was trained or changed since. They are not reused. Fix: pass another --out, or "
+            "delete the file to evaluate the new adapter there."
+        )
     if mismatched:
         raise EvalError(
             f"{path} already holds {mismatched} '{label}' predictions made with other settings (model, adapter, "
@@ -311,7 +413,8 @@ def evaluate_rows(
     console = console or Console()
     path = Path(predictions_path)
     settings = settings_hash(cfg, label)
-    done = _read_done(path, label, settings)
+    adapter = adapter_hash(cfg, label)
+    done = _read_done(path, label, settings, adapter)
     bad = Counter(bad_rows or {})
     details = list(bad_row_details or [])
     tokenizer = processor.tokenizer
@@ -383,7 +486,7 @@ def evaluate_rows(
                         rec = {
                             "problem_id": row.problem_id, "sample": k, "label": label, "completion": text,
                             "parsed": parsed, "gold": row.answer, "correct": parsed == row.answer,
-                            "format_ok": format_ok(text), "settings": settings,
+                            "format_ok": format_ok(text), "settings": settings, "adapter": adapter,
                         }
                         out_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
                         records[(str(row.problem_id), k)] = rec
@@ -486,10 +589,14 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
     scan_details = [f"{r.reason}: {r.detail}" for r in rejects]
 
     path = cfg.predictions_path()
+    base_model, base_source = cfg.resolved_model()
+    _section, quantization = cfg.base_quantization()
+    if base_model and base_source != "--model":
+        console.print(f"base model: {base_model} (from {base_source}; --model overrides)", highlight=False)
     label = "adapter" if cfg.adapter else "merged" if cfg.merged else "base"
     labels = ["base", label] if cfg.compare_base else [label]
     for name in labels:  # refuse a predictions file from other settings before loading the model
-        _read_done(path, name, settings_hash(cfg, name))
+        _read_done(path, name, settings_hash(cfg, name), adapter_hash(cfg, name))
     model, processor = load_eval_model(cfg)
     results: list[EvalResult] = []
     kw = dict(bad_rows=scan_bad, bad_row_details=scan_details)
@@ -502,11 +609,16 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
     if cfg.compare_base and results[0].accuracy is not None and results[1].accuracy is not None:
         difference_pp = 100 * (results[1].accuracy - results[0].accuracy)
     print_summary(results, console, difference_pp)
+    if not cfg.merged:
+        console.print(f"base: {base_model}, quantization {quantization}", highlight=False)
 
     config = asdict(cfg)
-    config.update(dtype=cfg.resolved_dtype(), out=str(path))
+    config.update(dtype=cfg.resolved_dtype(), out=str(path), model=base_model)
     summary = {
         "data": str(scan.source_file),
+        "split": split_name(cfg.data),
+        "base_model": base_model,
+        "base_quantization": None if cfg.merged else quantization,
         "rows_in_split": scan.total,
         "rows_evaluated": len(rows),
         "parse_rule": cfg.parse_rule,
@@ -528,7 +640,8 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
 
 def add_eval_arguments(parser) -> None:
     a = parser.add_argument
-    a("--model", default="Qwen/Qwen2.5-Omni-7B", help="base checkpoint: Hub id or local folder (full Omni or thinker-only)")
+    a("--model", default=None, help="base checkpoint: Hub id or local folder (full Omni or thinker-only); "
+      "default with --adapter: the base its adapter_config.json names")
     a("--adapter", default=None, help="LoRA adapter folder saved by a training run, applied on --model")
     a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model (not with --adapter)")
     a("--data", default="data/avqa/valid", help="split folder (AVQA layout) or its JSON list")
@@ -543,7 +656,9 @@ def add_eval_arguments(parser) -> None:
     a("--lenient", action="store_true", help="the original's fallback parser: first standalone option letter if no <answer> tag (counts the word 'a' as A)")
     a("--limit", type=int, default=None, help="only the first N usable rows")
     a("--compare-base", action="store_true", help="also score the base model (adapter switched off) and print the difference")
-    a("--load-in-4bit", action="store_true", help="load the language model in 4-bit NF4 (less memory, slightly different scores)")
+    a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
+      help="of the base: auto = as the adapter was trained (its run's recipe.yaml; NF4 for QLoRA), else none; "
+      "nf4 = 4-bit NF4; none = unquantized (--dtype)")
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     a("--max-audio-seconds", type=float, default=10.0, help="audio cut (the paper: 10 s)")
     a("--max-pixels", type=int, default=256 * 28 * 28, help="image pixel cap (the paper: 256*28*28)")
@@ -558,7 +673,7 @@ def config_from_args(args) -> EvalConfig:
         temperature=PAPER_TEMPERATURE if args.temperature is None else args.temperature,
         top_p=PAPER_TOP_P if args.top_p is None else args.top_p,
         samples=args.samples, seed=args.seed, lenient=args.lenient, limit=args.limit,
-        compare_base=args.compare_base, load_in_4bit=args.load_in_4bit, dtype=args.dtype,
+        compare_base=args.compare_base, quantization=args.quantization, dtype=args.dtype,
         max_audio_seconds=args.max_audio_seconds, max_pixels=args.max_pixels,
     )
 

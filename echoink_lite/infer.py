@@ -5,6 +5,11 @@ the paper's prompt (question, options, reasoning instruction), built by `answer_
 options the question is sent as written. Media get the training caps (16 kHz mono, first 10 s; pixel cap).
 The completion streams to the terminal as it is generated, then a panel shows the reasoning (`<think>`)
 and the answer (`<answer>`, parsed strictly against the option letters when options are given).
+
+Model choice works as in `eval`: without `--model` an adapter's base is the one its adapter_config.json
+names, the base is quantized as the adapter was trained (`--quantization` overrides), and the adapter is
+checked against the base before it is attached. Media paths are checked before the model loads; a single
+`--options` value draws a warning (the model could only answer A).
 """
 
 from __future__ import annotations
@@ -17,7 +22,15 @@ import torch
 
 from .answer_protocol import build_prompt_text, extract_answer, extract_think, option_letters, parse_answer
 from .data import DataError, audio_limit_problem, image_limit_problem, load_audio, load_image
-from .evaluate import PAPER_TEMPERATURE, PAPER_TOP_P, EvalError, load_model
+from .evaluate import (
+    PAPER_TEMPERATURE,
+    PAPER_TOP_P,
+    QUANTIZATION_CHOICES,
+    EvalError,
+    load_model,
+    resolve_base_model,
+    resolve_quantization,
+)
 from .modeling import ModelLoadError, default_device, multimodal_token_ids
 from .prompting import collate, completion_mask, decode_completions, encode_text_prompt, generation_kwargs, to_device
 
@@ -38,10 +51,20 @@ def _normalise_options(options: list[str]) -> list[str]:
     )
 
 
+def _check_media_path(kind: str, path) -> None:
+    """One line naming what `path` is when it is not a file we can read."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"--{kind} {path} is a folder, not a file; pass one {kind} file inside it")
+    if not p.exists():
+        raise DataError(f"{kind} file {path} does not exist; check the --{kind} path")
+    if not p.is_file():
+        raise DataError(f"--{kind} {path} is not a regular file (a device or pipe?); pass an {kind} file")
+
+
 def _load_media(audio_path, image_path, max_audio_seconds: float, max_pixels: int):
     for kind, path in (("audio", audio_path), ("image", image_path)):
-        if not Path(path).is_file():
-            raise DataError(f"{kind} file {path} does not exist; check the --{kind} path")
+        _check_media_path(kind, path)
     try:
         audio = load_audio(audio_path, max_seconds=max_audio_seconds)
     except Exception as err:
@@ -121,9 +144,18 @@ def infer(
     }
 
 
+def option_warnings(options: list[str] | None) -> list[str]:
+    """Warnings about --options that are probably a mistake (the command still runs)."""
+    if options is not None and len(options) == 1:
+        return [f"--options got a single option ({options[0]!r}): the model can only answer A. Pass each option "
+                'as its own argument, e.g. --options "A. a dog" "B. a car"']
+    return []
+
+
 def add_infer_arguments(parser) -> None:
     a = parser.add_argument
-    a("--model", default="Qwen/Qwen2.5-Omni-7B", help="base checkpoint: Hub id or local folder")
+    a("--model", default=None, help="base checkpoint: Hub id or local folder (default with --adapter: the base its "
+      "adapter_config.json names)")
     a("--adapter", default=None, help="LoRA adapter folder, applied on --model")
     a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model")
     a("--audio", required=True, help="audio file (first 10 s used, 16 kHz mono)")
@@ -134,7 +166,8 @@ def add_infer_arguments(parser) -> None:
     a("--max-new-tokens", type=int, default=768, help="completion budget")
     a("--sample", action="store_true", help="sample (temperature 1, top_p 0.95) instead of greedy")
     a("--no-stream", action="store_true", help="print only the final panel, not the tokens as they come")
-    a("--load-in-4bit", action="store_true", help="load the language model in 4-bit NF4")
+    a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
+      help="of the base: auto = as the adapter was trained (its run's recipe.yaml), else none; nf4; none")
     a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
 
 
@@ -145,12 +178,22 @@ def infer_command(args, console=None) -> int:
     from rich.panel import Panel
 
     console = console or Console()
+    for warning in option_warnings(args.options):
+        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     try:
         if args.adapter and args.merged:
             raise EvalError("--adapter and --merged are alternatives: pass one of them")
+        for kind in ("audio", "image"):  # before minutes of model loading
+            _check_media_path(kind, getattr(args, kind))
         dtype = args.dtype or ("bfloat16" if default_device().type == "cuda" else "float32")
+        base, source = resolve_base_model(args.model, args.adapter, args.merged)
+        quantization, description = resolve_quantization(args.quantization, None if args.merged else args.adapter)
+        if base and source != "--model":
+            console.print(f"base model: {escape(base)} (from {escape(source)}; --model overrides)", highlight=False)
+        if args.adapter:
+            console.print(f"base quantization: {escape(description)}", highlight=False)
         model, processor = load_model(
-            args.model, adapter=args.adapter, merged=args.merged, dtype=dtype, load_in_4bit=args.load_in_4bit,
+            base, adapter=args.adapter, merged=args.merged, dtype=dtype, quantization=quantization,
         )
         result = infer(
             model, processor, args.audio, args.image, args.question, options=args.options,

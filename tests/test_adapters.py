@@ -138,3 +138,13 @@ def test_training_recipe_and_quantization_of_a_run(tmp_path):
     with pytest.raises(AdapterError, match="recipe.yaml: cannot read its quantization section") as err:
         training_quantization(run / "adapter")
     assert "--quantization nf4 or none" in one_line(err)
+
+
+def test_load_model_refuses_a_deeper_adapter_on_a_4bit_base(tiny_model_dir, mismatched_adapters):
+    """eval and infer load through load_model; the check also guards the 4-bit base of a QLoRA adapter."""
+    from echoink_lite.evaluate import load_model
+    from echoink_lite.recipe import QuantizationSection
+
+    with pytest.raises(AdapterError, match="pass --model"):
+        load_model(str(tiny_model_dir), adapter=str(mismatched_adapters["deeper"]), quantization=QuantizationSection(),
+                   device="cpu")

@@ -4,6 +4,7 @@ resume, bad-row accounting, base-vs-adapter comparison, and a real end-to-end ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import shutil
@@ -31,6 +32,11 @@ LETTERS = ("A", "B", "C", "D")
 
 def quiet() -> Console:
     return Console(file=io.StringIO(), width=200, color_system=None)
+
+
+def wide() -> Console:
+    """A console that never wraps, for checking one-line messages with long temporary paths."""
+    return Console(file=io.StringIO(), width=4000, color_system=None)
 
 
 def gold_letters(split_dir: Path) -> list[str]:
@@ -198,7 +204,7 @@ def test_bad_rows_are_counted_per_reason(loaded, synth_dir, tmp_path, monkeypatc
     monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
     monkeypatch.setattr(model, "generate", ScriptedGenerate(processor.tokenizer, lambda n: tag("A")))
     console = quiet()
-    summary = run_eval(EvalConfig(data=str(split), out=str(tmp_path / "p.jsonl")), console=console)
+    summary = run_eval(EvalConfig(model="unused", data=str(split), out=str(tmp_path / "p.jsonl")), console=console)
     result = summary["results"][0]
     assert result["bad_rows"] == {"missing_file": 1} and result["n_rows"] == 7
     assert "missing_file" in console.file.getvalue() and "sample_3.wav" in console.file.getvalue()
@@ -329,3 +335,124 @@ def test_compare_base_scores_both_labels_with_one_model(tiny_model_dir, synth_di
     assert summary["difference_pp"] == 0.0
     assert "percentage points" in console.file.getvalue()
     assert (adapter_dir / "predictions.summary.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which base, which quantization, which adapter: the model side of an evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tmp_path_factory):
+    """RUN/adapter (LoRA B perturbed, base recorded by PEFT) and RUN/recipe.yaml saying the base was 4-bit NF4."""
+    from echoink_lite.modeling import add_lora, load_thinker
+    from echoink_lite.recipe import LoraSection
+
+    run = tmp_path_factory.mktemp("run")
+    model = add_lora(load_thinker(str(tiny_model_dir), dtype="float32", device="cpu"), LoraSection(r=4, alpha=8),
+                     gradient_checkpointing=False, seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.full(p.shape, 0.01)
+    model.save_pretrained(run / "adapter")
+    (run / "recipe.yaml").write_text(f"model:\n  name_or_path: {tiny_model_dir}\nquantization:\n  load_in_4bit: true\n")
+    return run
+
+
+def _eval_args(*argv: str):
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_without_model_the_adapters_base_and_training_quantization_are_used(tiny_model_dir, trained_run, synth_dir, tmp_path):
+    adapter = trained_run / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    out = tmp_path / "pred.jsonl"
+    console = wide()
+    args = _eval_args("--adapter", str(adapter), "--data", str(synth_dir / "valid"), "--out", str(out), "--limit", "1",
+                      "--max-new-tokens", "2", "--batch-size", "1")
+    assert eval_command(args, console=console) == 0
+    text = console.file.getvalue()
+    assert f"base model: {tiny_model_dir} (from {adapter / 'adapter_config.json'}" in text
+    assert f"quantization nf4, as trained ({(trained_run / 'recipe.yaml').resolve()})" in text
+    summary = json.loads((tmp_path / "pred.summary.json").read_text())
+    assert summary["base_model"] == str(tiny_model_dir) and summary["base_quantization"].startswith("nf4, as trained")
+    assert summary["split"] == "valid"
+
+    # The model it loads: the language model in 4 bits, as in training; the towers not.
+    import bitsandbytes as bnb
+
+    model, _ = load_eval_model(evaluate.config_from_args(args))
+    four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(".language_model." in n for n in four_bit)
+
+
+def test_quantization_choice_and_its_description(trained_run, tmp_path):
+    adapter = str(trained_run / "adapter")
+    section, text = EvalConfig(adapter=adapter).base_quantization()
+    assert section.load_in_4bit and text.startswith("nf4, as trained")
+    assert EvalConfig(adapter=adapter, quantization="none").base_quantization() == (None, "none (--quantization none)")
+    bare = tmp_path / "elsewhere" / "adapter"  # an adapter copied out of its run folder: no recipe beside it
+    shutil.copytree(trained_run / "adapter", bare)
+    section, text = EvalConfig(adapter=str(bare)).base_quantization()
+    assert section is None and text.startswith("none (default: no recipe.yaml beside") and "--quantization nf4" in text
+    section, text = EvalConfig(adapter=str(bare), quantization="nf4").base_quantization()
+    assert section.load_in_4bit and text == "nf4 (--quantization nf4)"
+    with pytest.raises(EvalError, match="--quantization must be one of"):
+        EvalConfig(quantization="int8")
+
+
+def test_no_base_anywhere_is_one_line(trained_run, synth_dir, tmp_path):
+    no_base = tmp_path / "adapter"
+    shutil.copytree(trained_run / "adapter", no_base)
+    cfg = json.loads((no_base / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = None
+    (no_base / "adapter_config.json").write_text(json.dumps(cfg))
+    for argv, expected in (
+        (["--adapter", str(no_base)], "names no base_model_name_or_path. Fix: pass --model"),
+        ([], "nothing to evaluate: pass --model"),
+    ):
+        console = wide()
+        assert eval_command(_eval_args(*argv, "--data", str(synth_dir / "valid")), console=console) == 1
+        (line,) = console.file.getvalue().splitlines()
+        assert expected in line and line.startswith("error:")
+
+
+def test_an_adapter_from_another_base_is_refused(tiny_model_dir, mismatched_adapters, synth_dir, tmp_path):
+    for variant in ("deeper", "narrower"):
+        console = wide()
+        args = _eval_args("--model", str(tiny_model_dir), "--adapter", str(mismatched_adapters[variant]),
+                          "--data", str(synth_dir / "valid"), "--out", str(tmp_path / variant / "p.jsonl"), "--limit", "1")
+        assert eval_command(args, console=console) == 1
+        (line,) = console.file.getvalue().splitlines()
+        assert "does not fit the base" in line and str(mismatched_adapters[variant]) in line and "Fix: pass --model" in line
+        assert not (tmp_path / variant / "p.jsonl").exists()
+
+
+def test_a_retrained_adapter_at_the_same_path_does_not_reuse_old_predictions(loaded, trained_run, synth_dir, tmp_path, monkeypatch):
+    model, processor = loaded
+    adapter = tmp_path / "run" / "adapter"
+    shutil.copytree(trained_run / "adapter", adapter)
+    monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
+    out = tmp_path / "pred.jsonl"
+    cfg = EvalConfig(adapter=str(adapter), quantization="none", data=str(synth_dir / "valid"), out=str(out), limit=2)
+    first = ScriptedGenerate(processor.tokenizer, lambda n: tag("A"))
+    monkeypatch.setattr(model, "generate", first)
+    assert run_eval(cfg, console=quiet())["results"][0]["generated_samples"] == 2
+
+    # The same adapter again: resumed, nothing generated.
+    again = ScriptedGenerate(processor.tokenizer, lambda n: tag("A"))
+    monkeypatch.setattr(model, "generate", again)
+    assert run_eval(cfg, console=quiet())["results"][0]["resumed_samples"] == 2 and again.sequences == 0
+
+    # Train again into the same folder (here: other weights): the old predictions are not reused.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({k: v * 2 for k, v in weights.items()}, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(EvalError, match="predictions of another adapter") as err:
+        run_eval(cfg, console=quiet())
+    assert "--out" in str(err.value) and again.sequences == 0
+    fresh = run_eval(dataclasses.replace(cfg, out=str(tmp_path / "fresh.jsonl")), console=quiet())
+    assert fresh["results"][0]["generated_samples"] == 2

@@ -70,3 +70,64 @@ def test_infer_command_prints_a_panel(tiny_model_dir, synth_dir, capsys):
     args.audio = str(valid / "audios" / "missing.wav")
     assert infer_command(args, console=console) == 1
     assert "missing.wav" in console.file.getvalue()
+
+
+def _infer_args(*argv: str):
+    parser = argparse.ArgumentParser()
+    add_infer_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def wide() -> Console:
+    return Console(file=io.StringIO(), width=4000, color_system=None)
+
+
+def test_a_folder_given_as_media_says_it_is_a_folder(tiny_model_dir, synth_dir):
+    valid = synth_dir / "valid"
+    for kind, audio, image in (("image", valid / "audios" / "sample_0.wav", valid / "images"),
+                               ("audio", valid / "audios", valid / "images" / "sample_0.png")):
+        console = wide()
+        args = _infer_args("--model", str(tiny_model_dir), "--audio", str(audio), "--image", str(image), "--question", "q")
+        assert infer_command(args, console=console) == 1
+        (line,) = console.file.getvalue().splitlines()
+        folder = image if kind == "image" else audio
+        assert f"--{kind} {folder} is a folder, not a file" in line and "does not exist" not in line
+
+
+def test_a_single_option_draws_a_warning(tiny_model_dir, synth_dir):
+    valid = synth_dir / "valid"
+    console = wide()
+    args = _infer_args("--model", str(tiny_model_dir), "--audio", str(valid / "audios" / "sample_0.wav"),
+                       "--image", str(valid / "images" / "sample_0.png"), "--question", "q",
+                       "--options", "A. red low B. red high", "--max-new-tokens", "2", "--no-stream")
+    assert infer_command(args, console=console) == 0
+    text = console.file.getvalue()
+    assert "warning: --options got a single option ('A. red low B. red high')" in text and "only answer A" in text
+    console = wide()
+    args.options = ["red low", "red high"]
+    assert infer_command(args, console=console) == 0
+    assert "warning" not in console.file.getvalue()
+
+
+def test_adapters_base_is_read_from_its_config_and_a_wrong_base_refused(tiny_model_dir, synth_dir, mismatched_adapters, tmp_path):
+    from echoink_lite.modeling import add_lora, load_thinker
+    from echoink_lite.recipe import LoraSection
+
+    adapter = tmp_path / "adapter"
+    add_lora(load_thinker(str(tiny_model_dir), dtype="float32", device="cpu"), LoraSection(r=4, alpha=8),
+             gradient_checkpointing=False).save_pretrained(adapter)
+    valid = synth_dir / "valid"
+    media = ["--audio", str(valid / "audios" / "sample_0.wav"), "--image", str(valid / "images" / "sample_0.png"),
+             "--question", "q", "--max-new-tokens", "2", "--no-stream"]
+    console = wide()
+    assert infer_command(_infer_args("--adapter", str(adapter), *media), console=console) == 0
+    text = console.file.getvalue()
+    assert f"base model: {tiny_model_dir} (from {adapter / 'adapter_config.json'}" in text
+    assert "base quantization: none (default: no recipe.yaml beside" in text
+
+    console = wide()
+    assert infer_command(_infer_args("--adapter", str(mismatched_adapters["deeper"]), *media), console=console) == 1
+    base_line, quantization_line, error = console.file.getvalue().splitlines()
+    assert base_line.startswith("base model:") and quantization_line.startswith("base quantization:")
+    assert error.startswith("error: adapter ") and "does not fit the base" in error and "layers 4-5" in error
+    assert "Fix: pass --model" in error
