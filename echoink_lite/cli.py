@@ -18,8 +18,8 @@ EPILOG = """examples:
   echoink-lite recipes validate recipes/*.yaml
   echoink-lite plan recipes/paper_24gb.yaml --gpu-memory 12GB grpo.micro_batch_size=1   # key=value anywhere
   echoink-lite train recipes/paper_24gb.yaml data.train=data/avqa/train --resume auto
-  echoink-lite eval --model Qwen/Qwen2.5-Omni-7B --adapter runs/paper-24gb/adapter --data data/avqa/valid --compare-base
-  echoink-lite infer --model Qwen/Qwen2.5-Omni-7B --adapter runs/paper-24gb/adapter --audio a.wav --image i.jpg --question "..."
+  echoink-lite eval --adapter runs/paper-24gb/adapter --data data/avqa/valid --compare-base   # base from the adapter
+  echoink-lite infer --adapter runs/paper-24gb/adapter --audio a.wav --image i.jpg --question "..."
   echoink-lite merge --adapter runs/paper-24gb/adapter --out merged/ --format thinker --dtype bf16
 """
 
@@ -204,6 +204,103 @@ def _add_group(sub, name: str, help: str):
     return inner
 
 
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--adapter", required=True, help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
+    a("--out", required=True, help="new folder for the merged model (must not exist or be empty; not inside the adapter or base folder)")
+    a("--base", default=None, help="unquantized base: Hub id or folder (default: base_model_name_or_path of the adapter)")
+    a("--revision", default=None, help="Hub revision of the base")
+    a("--format", choices=["thinker", "full"], default="thinker",
+      help="thinker: thinker-only model like EchoInk-R1-7B (default); full: complete Qwen2.5-Omni with talker, token2wav, spk_dict.pt (needs a full base)")
+    a("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged thinker weights (merge math is fp32; cast once)")
+    a("--no-verify", action="store_true", help="skip the verification (reload, logits vs base+adapter, weights, size)")
+    a("--verify-device", default="cpu", help="device for the verification's logits check (cpu or cuda); runs in --dtype")
+    a("--max-shard-size-gb", type=float, default=5.0, help="maximum size of one output shard")
+    a("--report", default=None, help="also write the merge report as JSON to this file")
+    a("--push-to-hub", default=None, metavar="REPO", help="upload the merged folder to this Hub model repo (after a passing verification)")
+    a("--private", action="store_true", help="create the Hub repo as private")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--adapter", required=True, help="LoRA adapter folder saved by a training run")
+    a("--out", required=True, help="new folder for the clean adapter + model card")
+    a("--recipe", default=None, help="recipe YAML to include in the model card")
+    a("--eval-summary", default=None, help="<predictions>.summary.json from `echoink-lite eval`, for the model card")
+    a("--base", default=None, help="base model id to record, e.g. its Hub id (default: the adapter's base_model_name_or_path); "
+      "the adapter must fit it")
+    a("--push-to-hub", default=None, metavar="REPO", help="upload the exported folder to this Hub model repo")
+    a("--private", action="store_true", help="create the Hub repo as private")
+
+
+def _refused(args, err) -> int:
+    """A refusal: one line on stderr, exit code 2 (as main() does for the kit's other errors)."""
+    print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def _push(console, folder, args) -> int:
+    from .export import push_to_hub
+
+    try:
+        url = push_to_hub(folder, args.push_to_hub, private=args.private)
+    except Exception as err:  # network, auth: say it plainly, the folder stays
+        console.print(f"[bold red]upload failed:[/] {type(err).__name__}: {err}", highlight=False)
+        return 1
+    console.print(f"uploaded to {url}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """0: merged (and verified unless --no-verify); 1: verification or upload failed; 2: refused (nothing written)."""
+    import json
+
+    from rich.console import Console
+
+    from .merge import MergeError, merge_adapter
+
+    console = Console()
+    try:
+        report = merge_adapter(args.adapter, args.out, base=args.base, format=args.format, dtype=args.dtype,
+                               verify=not args.no_verify, console=console, revision=args.revision,
+                               verify_device=args.verify_device, max_shard_size=int(args.max_shard_size_gb * 1024**3))
+    except MergeError as err:
+        return _refused(args, err)
+    if args.report:
+        try:
+            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        except OSError as err:
+            return _refused(args, f"cannot write --report {args.report}: {err.strerror or err}. The merged model is in "
+                                  f"{args.out}. Fix: pass a --report path you can write to.")
+    if report["ok"] is False:
+        console.print("[bold red]verification failed[/]: the merged folder was written but does not match base + adapter; "
+                      "do not publish it. Nothing was pushed.")
+        return 1
+    return _push(console, args.out, args) if args.push_to_hub else 0
+
+
+def cmd_export(args) -> int:
+    """0: exported (and uploaded with --push-to-hub); 1: upload failed; 2: refused (nothing written)."""
+    from rich.console import Console
+
+    from .adapters import read_adapter_config
+    from .export import export_adapter
+    from .merge import MergeError
+
+    console = Console()
+    try:
+        out = export_adapter(args.adapter, args.out, recipe_path=args.recipe, eval_summary=args.eval_summary, base=args.base)
+    except MergeError as err:
+        return _refused(args, err)
+    console.print(f"exported the adapter to {out} (adapter_config.json, adapter_model.safetensors, README.md)", highlight=False)
+    base = read_adapter_config(out).get("base_model_name_or_path", "")
+    if Path(base).expanduser().exists():
+        console.print(f"note: the model card names the base by a local path ({base}); for the Hub, export again with "
+                      "--base and the base's Hub id (e.g. Qwen/Qwen2.5-Omni-7B)", highlight=False)
+    return _push(console, out, args) if args.push_to_hub else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echoink-lite",
@@ -271,14 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_infer_arguments(p)
     p.set_defaults(func=infer_command)
 
-    from .merge import add_export_arguments, add_merge_arguments, export_command, merge_command
-
     p = sub.add_parser("merge", help="merge an adapter into the unquantized base (thinker-only or full Omni)")
-    add_merge_arguments(p)
-    p.set_defaults(func=merge_command)
+    _merge_args(p)
+    p.set_defaults(func=cmd_merge)
     p = sub.add_parser("export", help="export a clean adapter folder with a model card (optionally push to the Hub)")
-    add_export_arguments(p)
-    p.set_defaults(func=export_command)
+    _export_args(p)
+    p.set_defaults(func=cmd_export)
 
     from .memory_estimate import DEFAULT_HEADROOM, DEFAULT_TEXT_TOKENS
 

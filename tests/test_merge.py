@@ -1,4 +1,5 @@
-"""Tests for echoink_lite.merge: QLoRA adapter merge into unquantized weights, export, Hub upload call.
+"""Tests for echoink_lite.merge, merge_verification and export: QLoRA adapter merge into unquantized
+weights, its verification, refusals (wrong base, unsafe --out), export with a model card, Hub upload call.
 
 Adapters are real PEFT adapters on the tiny thinker (LoRA B is zero at init, so it is perturbed before
 saving: an untrained adapter would make every check vacuous). The merged folders are reloaded with the
@@ -7,7 +8,6 @@ standard transformers classes and compared here independently of the merge's own
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -17,16 +17,10 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 
-from echoink_lite.merge import (
-    MergeError,
-    add_export_arguments,
-    add_merge_arguments,
-    export_adapter,
-    export_command,
-    merge_adapter,
-    merge_command,
-    read_adapter,
-)
+from echoink_lite.adapters import AdapterError, read_adapter
+from echoink_lite.cli import main as cli_main
+from echoink_lite.export import export_adapter
+from echoink_lite.merge import MergeError, merge_adapter
 from echoink_lite.recipe import LoraSection
 
 QUIET = Console(quiet=True)
@@ -256,45 +250,72 @@ def test_merge_bf16_is_half_the_size_and_shards(tiny_model_dir, thinker_adapter,
 # ------------------------------------------------------------------------------------------
 
 
-def _other_size_thinker(tiny_model_dir):
-    """A tiny thinker with hidden size 96 instead of 128 (same tokenizer), in memory."""
-    from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
-
-    from echoink_lite.tiny import tiny_thinker_config
-
-    cfg = tiny_thinker_config(AutoTokenizer.from_pretrained(str(tiny_model_dir)))
-    cfg.text_config.hidden_size = 96  # 4 heads -> head_dim 24: mrope_section must sum to 12
-    rope = dict(getattr(cfg.text_config, "rope_parameters", None) or cfg.text_config.rope_scaling)
-    rope["mrope_section"] = [4, 4, 4]
-    if getattr(cfg.text_config, "rope_parameters", None) is not None:
-        cfg.text_config.rope_parameters = rope
-    else:
-        cfg.text_config.rope_scaling = rope
-    cfg.audio_config.output_dim = 96
-    cfg.vision_config.out_hidden_size = 96
-    torch.manual_seed(0)
-    return Qwen2_5OmniThinkerForConditionalGeneration(cfg).float()
-
-
-def test_mismatched_base_refused_before_writing(tiny_model_dir, tmp_path):
-    from echoink_lite.modeling import add_lora
-
-    peft_model = add_lora(_other_size_thinker(tiny_model_dir), LoraSection(r=4, alpha=8), gradient_checkpointing=False)
-    adapter = _perturb_and_save(peft_model, tmp_path / "adapter96")
+@pytest.mark.parametrize("variant, telling", [
+    ("narrower", ["hidden_size=96", "hidden_size=128", "other sizes than the base (e.g. model.language_model.layers.0."]),
+    ("deeper", ["layers 4-5, which the base does not have (the base has 4 layers)"]),  # depth: 6 layers vs 4
+])
+def test_mismatched_base_refused_before_writing(tiny_model_dir, mismatched_adapters, variant, telling, tmp_path, capsys):
+    adapter = mismatched_adapters[variant]
     out = tmp_path / "merged"
-    with pytest.raises(MergeError) as err:
+    with pytest.raises(AdapterError) as err:
         merge_adapter(adapter, out, base=str(tiny_model_dir), console=QUIET)
     msg = str(err.value)
-    assert "does not fit the base" in msg and "q_proj" in msg
-    assert "hidden_size=96" in msg and "hidden_size=128" in msg  # what the adapter implies vs what the base has
-    assert "Fix:" in msg and "--base" in msg
-    assert not out.exists() and not (tmp_path / "merged.partial").exists()
+    assert "does not fit the base" in msg and str(adapter) in msg
+    assert all(t in msg for t in telling), msg
+    assert "Fix:" in msg and "--base" in msg and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary folder
 
-    # and through the CLI: exit 2, nothing written
-    parser = argparse.ArgumentParser()
-    add_merge_arguments(parser)
-    assert merge_command(parser.parse_args(["--adapter", str(adapter), "--out", str(out), "--base", str(tiny_model_dir)])) == 2
-    assert not out.exists()
+    # and through the CLI: exit 2, one line on stderr, nothing written
+    capsys.readouterr()
+    assert cli_main(["merge", "--adapter", str(adapter), "--out", str(out), "--base", str(tiny_model_dir)]) == 2
+    err_text = capsys.readouterr().err
+    assert err_text.startswith("echoink-lite merge: error: adapter ") and err_text.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_inside_the_adapter_folder_is_refused(thinker_adapter, tmp_path):
+    adapter = tmp_path / "run" / "adapter"
+    shutil.copytree(thinker_adapter, adapter)
+    before = sorted(p.name for p in adapter.iterdir())
+    for out in (adapter / "merged", adapter / "a" / "b", adapter / ".." / "adapter" / "merged"):
+        with pytest.raises(MergeError, match="inside the adapter folder") as err:
+            merge_adapter(adapter, out, console=QUIET)
+        assert "Fix: pass a folder outside it" in str(err.value) and "\n" not in str(err.value)
+    assert sorted(p.name for p in adapter.iterdir()) == before
+
+
+def test_a_stranger_partial_folder_is_kept_and_a_failed_write_leaves_nothing(thinker_adapter, tmp_path, monkeypatch):
+    import errno
+
+    from echoink_lite import merge
+
+    stranger = tmp_path / "merged.partial"  # someone else's folder that happens to have that name
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    merge_adapter(thinker_adapter, tmp_path / "merged", dtype="fp32", verify=False, console=QUIET)
+    assert (stranger / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.partial"]
+
+    def disk_full(base, plan, adapter, out, max_shard_bytes, progress=None):
+        (out / "model.safetensors").write_bytes(b"half a shard")
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
+
+    monkeypatch.setattr(merge, "_write_weights", disk_full)
+    with pytest.raises(MergeError) as err:
+        merge_adapter(thinker_adapter, tmp_path / "merged2", dtype="fp32", verify=False, console=QUIET)
+    msg = str(err.value)
+    assert msg.startswith("no space left on device while writing ") and "model.safetensors" in msg and "\n" not in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "merged.partial"]  # no temporary folder left
+
+
+def test_unwritable_out_is_one_line_naming_the_path(thinker_adapter, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "merged"
+    assert cli_main(["merge", "--adapter", str(thinker_adapter), "--out", str(out), "--no-verify"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write --out {out}" in err and f"{blocker} is a file" in err and "Fix:" in err
+    assert blocker.read_text() == "not a folder"
 
 
 def test_full_format_from_thinker_only_base_refused(thinker_adapter, tmp_path):
@@ -321,7 +342,7 @@ def test_other_refusals(tiny_model_dir, thinker_adapter, tmp_path):
     cfg = json.loads((bad_target / "adapter_config.json").read_text())
     cfg["target_modules"] = r"model\.language_model\.layers\.\d+\.self_attn\.qkv_proj"
     (bad_target / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(MergeError, match="matches no module of the base"):
+    with pytest.raises(AdapterError, match="select no module of the base"):
         merge_adapter(bad_target, tmp_path / "o2", console=QUIET)
 
     # pickle-only base
@@ -374,7 +395,8 @@ def test_export_adapter_clean_folder_with_model_card(tiny_model_dir, thinker_ada
     (messy / "trainer_state.json").write_text("{}")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("lora:\n  r: 4\n  alpha: 8\ngrpo:\n  group_size: 8\n")
-    summary = {"data": "valid", "rows_evaluated": 8, "parse_rule": "strict",
+    local_split = tmp_path / "home" / "me" / "secret-data" / "valid"  # the eval summary records the local path
+    summary = {"data": str(local_split / "omni_rl_format_valid.json"), "rows_evaluated": 8, "parse_rule": "strict",
                "results": [{"label": "base", "n_rows": 8, "accuracy": 0.25, "format_failure_rate": 0.5},
                            {"label": "adapter", "n_rows": 8, "accuracy": 0.875, "format_failure_rate": 0.0}],
                "difference_pp": 62.5}
@@ -390,16 +412,20 @@ def test_export_adapter_clean_folder_with_model_card(tiny_model_dir, thinker_ada
     assert f"base_model: {tiny_model_dir}" in card and "library_name: peft" in card
     assert "87.50%" in card and "25.00%" in card and "+62.50" in card
     assert "group_size: 8" in card and "r=4" in card
+    assert "split: `valid`" in card and "secret-data" not in card  # the split's name, not the local data path
+    assert "From `recipe.yaml`" in card and str(recipe) not in card
 
     # the exported folder is a loadable PEFT adapter
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(out)).r == 4
 
-    # no summary / recipe: the card says so; --base overrides the recorded base id
-    out2 = export_adapter(thinker_adapter, tmp_path / "export2", base="Qwen/Qwen2.5-Omni-7B")
+    # no summary / recipe: the card says so; --base overrides the recorded base id (the adapter must fit it)
+    renamed_base = tmp_path / "Qwen2.5-Omni-tiny"
+    shutil.copytree(tiny_model_dir, renamed_base)
+    out2 = export_adapter(thinker_adapter, tmp_path / "export2", base=str(renamed_base))
     card2 = (out2 / "README.md").read_text()
-    assert "base_model: Qwen/Qwen2.5-Omni-7B" in card2 and "No evaluation results" in card2
+    assert f"base_model: {renamed_base}" in card2 and "No evaluation results" in card2
     with pytest.raises(MergeError, match="accuracy"):
         export_adapter(thinker_adapter, tmp_path / "export3", eval_summary={"rows": 3})
 
@@ -408,13 +434,26 @@ def test_export_adapter_clean_folder_with_model_card(tiny_model_dir, thinker_ada
 
     FakeHfApi.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
-    args = parser.parse_args(["--adapter", str(thinker_adapter), "--out", str(tmp_path / "export4"), "--push-to-hub", "me/echoink-lora"])
-    assert export_command(args) == 0
+    assert cli_main(["export", "--adapter", str(thinker_adapter), "--out", str(tmp_path / "export4"),
+                     "--push-to-hub", "me/echoink-lora", "--base", str(tiny_model_dir)]) == 0
     assert FakeHfApi.calls[0] == ("create_repo", {"repo_id": "me/echoink-lora", "repo_type": "model", "private": False, "exist_ok": True})
     name, kw = FakeHfApi.calls[1]
     assert name == "upload_folder" and kw["repo_id"] == "me/echoink-lora" and kw["folder_path"] == str(tmp_path / "export4")
+
+
+def test_export_checks_the_adapter_against_the_base(tiny_model_dir, thinker_adapter, mismatched_adapters, tmp_path):
+    for variant in ("narrower", "deeper"):
+        with pytest.raises(AdapterError) as err:
+            export_adapter(mismatched_adapters[variant], tmp_path / "export")
+        msg = str(err.value)
+        assert "does not fit the base" in msg and str(tiny_model_dir) in msg and "--base" in msg and "\n" not in msg
+    # a Hub base that cannot be reached (the tests are offline): one line, nothing written
+    with pytest.raises(MergeError) as err:
+        export_adapter(thinker_adapter, tmp_path / "export", base="someone/not-cached")
+    assert "cannot download config.json of 'someone/not-cached'" in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(MergeError, match="inside the adapter folder"):
+        export_adapter(thinker_adapter, thinker_adapter / "export")
+    assert not (tmp_path / "export").exists() and not (thinker_adapter / "export").exists()
 
 
 def test_merge_command_push_to_hub(thinker_adapter, tmp_path, monkeypatch):
@@ -422,13 +461,10 @@ def test_merge_command_push_to_hub(thinker_adapter, tmp_path, monkeypatch):
 
     FakeHfApi.calls = []
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
-    parser = argparse.ArgumentParser()
-    add_merge_arguments(parser)
     out = tmp_path / "merged"
     report = tmp_path / "report.json"
-    args = parser.parse_args(["--adapter", str(thinker_adapter), "--out", str(out), "--no-verify", "--dtype", "bf16",
-                              "--report", str(report), "--push-to-hub", "me/echoink-merged", "--private"])
-    assert merge_command(args) == 0
+    assert cli_main(["merge", "--adapter", str(thinker_adapter), "--out", str(out), "--no-verify", "--dtype", "bf16",
+                     "--report", str(report), "--push-to-hub", "me/echoink-merged", "--private"]) == 0
     assert (out / "model.safetensors").is_file() and json.loads(report.read_text())["dtype"] == "bfloat16"
     assert [c[0] for c in FakeHfApi.calls] == ["create_repo", "upload_folder"]
     assert FakeHfApi.calls[0][1]["private"] is True and FakeHfApi.calls[1][1]["folder_path"] == str(out)
