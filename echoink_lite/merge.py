@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import re
 import shutil
@@ -123,12 +124,20 @@ def _is_local_like(name: str) -> bool:
 
 
 def _hub_call(what: str, name: str, fn):
+    """Run a huggingface_hub download; any failure becomes one line. huggingface_hub logs two warning lines
+    per retry of an unreachable Hub (five retries, utils/_http.py http_backoff); they are kept quiet here
+    because the failure is reported once, below."""
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
     try:
         return fn()
     except Exception as err:  # offline, unknown repo, gated repo: all end here with the same advice
         first = (str(err).strip().splitlines() or [""])[0]
         raise MergeError(f"cannot {what} '{name}' from the Hugging Face Hub ({type(err).__name__}: {first}). "
                          "Fix: pass --base a local folder holding the base checkpoint, or run where the Hub is reachable.") from None
+    finally:
+        hub_logger.setLevel(level)
 
 
 def read_base_config(name: str, revision: str | None = None) -> tuple[Path | None, dict[str, Any]]:

@@ -456,6 +456,26 @@ def test_export_checks_the_adapter_against_the_base(tiny_model_dir, thinker_adap
     assert not (tmp_path / "export").exists() and not (thinker_adapter / "export").exists()
 
 
+def test_an_unreachable_hub_is_one_line_without_retry_noise(thinker_adapter, tmp_path, monkeypatch, caplog, capsys):
+    import logging
+
+    import huggingface_hub
+
+    def unreachable(repo_id, filename, **kw):  # what huggingface_hub does offline: warn per retry, then raise
+        for attempt in range(1, 6):
+            logging.getLogger("huggingface_hub.utils._http").warning(f"Retrying in 1s [Retry {attempt}/5].")
+        raise ConnectionError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--adapter", str(thinker_adapter), "--out", str(out), "--base", "Qwen/Qwen2.5-Omni-7B"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot download config.json of 'Qwen/Qwen2.5-Omni-7B'" in err and "Fix:" in err
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert not out.exists()
+
+
 def test_merge_command_push_to_hub(thinker_adapter, tmp_path, monkeypatch):
     import huggingface_hub
 
