@@ -213,7 +213,9 @@ class BaseLayout:
 
     @classmethod
     def from_config(cls, thinker_config: dict[str, Any], name: str) -> "BaseLayout":
-        """The language model's projections, from the config alone (nothing else is downloaded)."""
+        """The language model's projections, from the config alone (nothing else is downloaded). A full
+        Qwen2.5-Omni config is read through its `thinker_config`."""
+        thinker_config = thinker_config.get("thinker_config") or thinker_config
         dims = text_dims(thinker_config)
         linears = {}
         for layer in range(dims["num_hidden_layers"]):
