@@ -53,10 +53,11 @@ def test_peft_alone_drops_a_deeper_adapters_layers_silently(tiny_model_dir, mism
     assert not any(".layers.4." in n for n, _ in loaded.named_parameters())
 
 
-def test_deeper_adapter_is_refused_by_every_kind_of_base(tiny_model_dir, base_model, mismatched_adapters):
+def test_deeper_adapter_is_refused_by_every_kind_of_base(tiny_model_dir, tiny_full_model_dir, base_model, mismatched_adapters):
     deeper = mismatched_adapters["deeper"]
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    for base in (base_model, config, base_model.config, BaseLayout.from_model(base_model)):
+    full_config = json.loads((tiny_full_model_dir / "config.json").read_text())  # thinker_config inside
+    for base in (base_model, config, base_model.config, BaseLayout.from_model(base_model), full_config):
         with pytest.raises(AdapterError) as err:
             check_adapter_fits(base, deeper)
         msg = one_line(err)
