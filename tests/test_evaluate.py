@@ -258,7 +258,7 @@ def test_eval_never_dies_on_one_row(loaded, synth_dir, tmp_path, monkeypatch):
 
     # Through `eval` itself the scan already rejects the first two; the summary JSON counts every skipped row.
     monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
-    summary = run_eval(EvalConfig(data=str(split), out=str(tmp_path / "s.jsonl"), limit=5, max_new_tokens=4), console=quiet())
+    summary = run_eval(EvalConfig(model="unused", data=str(split), out=str(tmp_path / "s.jsonl"), limit=5, max_new_tokens=4), console=quiet())
     saved = json.loads(evaluate.summary_path(tmp_path / "s.jsonl").read_text())
     for counted in (summary, saved):
         assert counted["results"][0]["bad_rows"] == {"image_aspect_ratio": 1, "audio_too_short": 1, "encode_failed": 1}
