@@ -48,8 +48,11 @@ def test_peft_alone_drops_a_deeper_adapters_layers_silently(tiny_model_dir, mism
     """Why the check exists: without it, loading succeeds and layers 4-5 of the adapter are simply gone."""
     from peft import PeftModel
 
+    from echoink_lite.modeling import peft_reading_deprecated_property
+
     model = load_thinker(str(tiny_model_dir), dtype="float32", device="cpu")
-    loaded = PeftModel.from_pretrained(model, str(mismatched_adapters["deeper"]))
+    with peft_reading_deprecated_property():
+        loaded = PeftModel.from_pretrained(model, str(mismatched_adapters["deeper"]))
     assert not any(".layers.4." in n for n, _ in loaded.named_parameters())
 
 

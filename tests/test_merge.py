@@ -97,9 +97,11 @@ def reference_logits(base_dir: Path, adapter_dir: Path, batch) -> tuple[torch.Te
     """(base + adapter unmerged, base alone) logits in fp32."""
     from peft import PeftModel
 
-    from echoink_lite.modeling import load_thinker
+    from echoink_lite.modeling import load_thinker, peft_reading_deprecated_property
 
-    model = PeftModel.from_pretrained(load_thinker(str(base_dir), dtype="float32", quantization=None, device="cpu"), str(adapter_dir)).eval()
+    base = load_thinker(str(base_dir), dtype="float32", quantization=None, device="cpu")
+    with peft_reading_deprecated_property():
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with_adapter = logits_of(model, batch)
     with model.disable_adapter():
         plain = logits_of(model, batch)
