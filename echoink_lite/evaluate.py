@@ -29,8 +29,10 @@ Why it is built this way:
 - **Base vs adapter in one run.** ``--compare-base`` scores the base model with the LoRA adapter switched
   off (``PeftModel.disable_adapter()``: the same weights in memory, no second copy) and then the adapter,
   into one predictions file under the labels "base" and "adapter", and prints the difference.
-- **K samples.** ``--samples K`` (with ``--sample``) draws K completions per row in the same ``generate``
-  call; accuracy is reported as the mean over all samples with the spread (standard deviation) of the
+- **The training's rollout engine** (``rollout.py``) decodes: the same sampling code as training, the
+  towers once per row, no field of the checkpoint's ``generation_config`` read; greedy decoding is
+  token-identical to transformers' ``generate`` (tests/test_rollout.py).
+- **K samples.** ``--samples K`` (with ``--sample``) draws K completions per row in the same decode batch; accuracy is reported as the mean over all samples with the spread (standard deviation) of the
   per-sample-index accuracies. Sampling is seeded once before the loop; a resumed sampled run is a valid
   draw but not bit-identical to an uninterrupted one.
 """
@@ -61,7 +63,10 @@ from .modeling import (
     multimodal_token_ids,
     torch_dtype,
 )
-from .prompting import collate, completion_mask, decode_completions, encode_row, generation_kwargs, to_device
+from .progress import phase_progress
+from .prompting import encode_row
+from .rollout import RolloutEngine, SamplingParams
+from .thinker_forward import encode_prompts
 
 PAPER_TEMPERATURE, PAPER_TOP_P = 1.0, 0.95
 
@@ -103,6 +108,7 @@ class EvalConfig:
     quantization: str = "auto"  # of the base: "auto" (as the adapter was trained, else none), "nf4" or "none"
     compare_base: bool = False
     device: str | None = None
+    cuda_graph: bool = True  # the rollout engine's CUDA-graph decode (falls back to eager by itself)
 
     def __post_init__(self) -> None:
         if self.adapter and self.merged:
@@ -408,7 +414,6 @@ def evaluate_rows(
     """
     from rich.console import Console
     from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     console = console or Console()
     path = Path(predictions_path)
@@ -420,10 +425,14 @@ def evaluate_rows(
     tokenizer = processor.tokenizer
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    gen_kw = generation_kwargs(
-        tokenizer, do_sample=cfg.do_sample, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, suppress_ids=multimodal_token_ids(tokenizer),
+    # The training rollout's engine (same sampling code, towers once per row, no checkpoint generation_config
+    # read); greedy unless cfg.do_sample.
+    sampling = SamplingParams(
+        max_new_tokens=cfg.max_new_tokens, eos_id=eos_id, pad_id=pad_id, do_sample=cfg.do_sample,
+        temperature=cfg.temperature if cfg.do_sample else 1.0, top_k=cfg.top_k if cfg.do_sample else 0,
+        top_p=cfg.top_p if cfg.do_sample else 1.0, suppress_ids=tuple(multimodal_token_ids(tokenizer)),
     )
+    engine = RolloutEngine(model, sampling, batch_size=cfg.batch_size * cfg.samples, cuda_graph=cfg.cuda_graph)
     device = _model_device(model)
     float_dtype = torch_dtype(cfg.resolved_dtype())
 
@@ -452,14 +461,10 @@ def evaluate_rows(
     seconds = 0.0
     out_file = _open_for_append(path) if pending_rows else None
     try:
-        with Progress(
-            TextColumn(escape(f"eval {label}")), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-            console=console, transient=True,
-        ) as progress:
-            task = progress.add_task("rows", total=len(pending_rows))
+        with phase_progress(f"eval {label}", total=len(pending_rows), console=console) as advance:
             for batch_rows in _chunks(pending_rows, cfg.batch_size):
                 start = time.perf_counter()
-                encoded, items = [], []  # items: (row, sample) per batch sequence
+                encoded, items, prompt_of = [], [], []  # items: (row, sample) per decoded sequence
                 for row, missing in batch_rows:
                     try:
                         enc = encode_row(
@@ -472,15 +477,16 @@ def evaluate_rows(
                         console.print(f"[yellow]{escape(label)}: skipped row[/] {escape(err.reason)}: {escape(err.detail)}",
                                       highlight=False, soft_wrap=True)
                         continue
+                    encoded.append(enc)
                     for k in missing:
-                        encoded.append(enc)
                         items.append((row, k))
+                        prompt_of.append(len(encoded) - 1)
                 if items:
-                    batch = to_device(collate(encoded, pad_token_id=pad_id), device, float_dtype)
-                    with torch.no_grad():
-                        sequences = model.generate(**batch, **gen_kw)
-                    completion_ids = sequences[:, batch["input_ids"].shape[1]:].cpu()
-                    texts = decode_completions(tokenizer, completion_ids, completion_mask(completion_ids, eos_id))
+                    prompts = encode_prompts(model, encoded, device, float_dtype)
+                    result = engine.generate_rows(prompts, prompt_of)
+                    for note in result.notices:
+                        console.print(f"[yellow]{escape(note)}[/]", highlight=False)
+                    texts = [tokenizer.decode(c.tolist(), skip_special_tokens=True) for c in result.completions]
                     for (row, k), text in zip(items, texts):
                         parsed = parse_answer(text, row.letters, cfg.lenient)
                         rec = {
@@ -494,7 +500,7 @@ def evaluate_rows(
                     generated += len(items)
                     generated_rows += len({str(row.problem_id) for row, _ in items})
                 seconds += time.perf_counter() - start
-                progress.advance(task, len(batch_rows))
+                advance(len(batch_rows))
     finally:
         if out_file is not None:
             out_file.close()
@@ -636,57 +642,3 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Command line (wired into `echoink-lite eval` by cli.py)
 # --------------------------------------------------------------------------------------------
-
-
-def add_eval_arguments(parser) -> None:
-    a = parser.add_argument
-    a("--model", default=None, help="base checkpoint: Hub id or local folder (full Omni or thinker-only); "
-      "default with --adapter: the base its adapter_config.json names")
-    a("--adapter", default=None, help="LoRA adapter folder saved by a training run, applied on --model")
-    a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model (not with --adapter)")
-    a("--data", default="data/avqa/valid", help="split folder (AVQA layout) or its JSON list")
-    a("--out", default=None, help="predictions JSONL (default: ADAPTER_OR_MERGED_DIR/predictions.jsonl, else ./eval/); reruns resume it")
-    a("--batch-size", type=int, default=8, help="rows per generate call (each repeated --samples times)")
-    a("--max-new-tokens", type=int, default=768, help="completion budget (the paper: 768)")
-    a("--sample", action="store_true", help="sample like the paper's protocol (temperature 1, top_p 0.95) instead of greedy")
-    a("--temperature", type=float, default=None, help="sampling temperature (with --sample; default 1.0)")
-    a("--top-p", type=float, default=None, help="nucleus sampling (with --sample; default 0.95)")
-    a("--samples", type=int, default=1, metavar="K", help="completions per row (with --sample); reports mean ± spread")
-    a("--seed", type=int, default=0, help="sampling seed")
-    a("--lenient", action="store_true", help="the original's fallback parser: first standalone option letter if no <answer> tag (counts the word 'a' as A)")
-    a("--limit", type=int, default=None, help="only the first N usable rows")
-    a("--compare-base", action="store_true", help="also score the base model (adapter switched off) and print the difference")
-    a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
-      help="of the base: auto = as the adapter was trained (its run's recipe.yaml; NF4 for QLoRA), else none; "
-      "nf4 = 4-bit NF4; none = unquantized (--dtype)")
-    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    a("--max-audio-seconds", type=float, default=10.0, help="audio cut (the paper: 10 s)")
-    a("--max-pixels", type=int, default=256 * 28 * 28, help="image pixel cap (the paper: 256*28*28)")
-
-
-def config_from_args(args) -> EvalConfig:
-    if not args.sample and (args.temperature is not None or args.top_p is not None):
-        raise EvalError("--temperature and --top-p apply to sampling; add --sample (without it decoding is greedy)")
-    return EvalConfig(
-        model=args.model, adapter=args.adapter, merged=args.merged, data=args.data, out=args.out,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-        temperature=PAPER_TEMPERATURE if args.temperature is None else args.temperature,
-        top_p=PAPER_TOP_P if args.top_p is None else args.top_p,
-        samples=args.samples, seed=args.seed, lenient=args.lenient, limit=args.limit,
-        compare_base=args.compare_base, quantization=args.quantization, dtype=args.dtype,
-        max_audio_seconds=args.max_audio_seconds, max_pixels=args.max_pixels,
-    )
-
-
-def eval_command(args, console=None) -> int:
-    """`echoink-lite eval ...`: 0 on success; 1 with a one-line error for settings, data or model problems."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    console = console or Console()
-    try:
-        run_eval(config_from_args(args), console=console)
-    except (EvalError, DataError, ModelLoadError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        return 1
-    return 0

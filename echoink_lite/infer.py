@@ -152,59 +152,27 @@ def option_warnings(options: list[str] | None) -> list[str]:
     return []
 
 
-def add_infer_arguments(parser) -> None:
-    a = parser.add_argument
-    a("--model", default=None, help="base checkpoint: Hub id or local folder (default with --adapter: the base its "
-      "adapter_config.json names)")
-    a("--adapter", default=None, help="LoRA adapter folder, applied on --model")
-    a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model")
-    a("--audio", required=True, help="audio file (first 10 s used, 16 kHz mono)")
-    a("--image", required=True, help="image file")
-    a("--question", required=True, help="the question")
-    a("--options", nargs="+", default=None, help='answer options, e.g. "A. cat" "B. dog" (letters added if missing); '
-      "with options the paper's reasoning prompt is used")
-    a("--max-new-tokens", type=int, default=768, help="completion budget")
-    a("--sample", action="store_true", help="sample (temperature 1, top_p 0.95) instead of greedy")
-    a("--no-stream", action="store_true", help="print only the final panel, not the tokens as they come")
-    a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
-      help="of the base: auto = as the adapter was trained (its run's recipe.yaml), else none; nf4; none")
-    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-
-
-def infer_command(args, console=None) -> int:
-    """`echoink-lite infer ...`: stream the completion, then a panel with reasoning and answer."""
+def run_infer(audio, image, question: str, *, model: str | None = None, adapter: str | None = None,
+              merged: str | None = None, options: list[str] | None = None, max_new_tokens: int = 768,
+              do_sample: bool = False, stream: bool = True, quantization: str = "auto", dtype: str | None = None,
+              console=None) -> dict:
+    """Load the model as `eval` would (the adapter's own base and training quantization) and answer one
+    question; raises EvalError, DataError or ModelLoadError with a one-line message."""
     from rich.console import Console
     from rich.markup import escape
-    from rich.panel import Panel
 
     console = console or Console()
-    for warning in option_warnings(args.options):
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    try:
-        if args.adapter and args.merged:
-            raise EvalError("--adapter and --merged are alternatives: pass one of them")
-        for kind in ("audio", "image"):  # before minutes of model loading
-            _check_media_path(kind, getattr(args, kind))
-        dtype = args.dtype or ("bfloat16" if default_device().type == "cuda" else "float32")
-        base, source = resolve_base_model(args.model, args.adapter, args.merged)
-        quantization, description = resolve_quantization(args.quantization, None if args.merged else args.adapter)
-        if base and source != "--model":
-            console.print(f"base model: {escape(base)} (from {escape(source)}; --model overrides)", highlight=False)
-        if args.adapter:
-            console.print(f"base quantization: {escape(description)}", highlight=False)
-        model, processor = load_model(
-            base, adapter=args.adapter, merged=args.merged, dtype=dtype, quantization=quantization,
-        )
-        result = infer(
-            model, processor, args.audio, args.image, args.question, options=args.options,
-            max_new_tokens=args.max_new_tokens, do_sample=args.sample, stream=not args.no_stream, console=console,
-        )
-    except (EvalError, DataError, ModelLoadError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
-        return 1
-    think = result["think"] if result["think"] is not None else "(no <think> block)"
-    answer = result["answer"] if result["answer"] is not None else "(no valid answer)"
-    body = f"[bold]reasoning[/]\n{escape(think)}\n\n[bold]answer[/] {escape(answer)}"
-    footer = f"{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens"
-    console.print(Panel(body, title="echoink-lite infer", subtitle=footer))
-    return 0
+    if adapter and merged:
+        raise EvalError("--adapter and --merged are alternatives: pass one of them")
+    for kind, path in (("audio", audio), ("image", image)):  # before minutes of model loading
+        _check_media_path(kind, path)
+    dtype = dtype or ("bfloat16" if default_device().type == "cuda" else "float32")
+    base, source = resolve_base_model(model, adapter, merged)
+    quant, description = resolve_quantization(quantization, None if merged else adapter)
+    if base and source != "--model":
+        console.print(f"base model: {escape(base)} (from {escape(source)}; --model overrides)", highlight=False)
+    if adapter:
+        console.print(f"base quantization: {escape(description)}", highlight=False)
+    loaded, processor = load_model(base, adapter=adapter, merged=merged, dtype=dtype, quantization=quant)
+    return infer(loaded, processor, audio, image, question, options=options, max_new_tokens=max_new_tokens,
+                 do_sample=do_sample, stream=stream, console=console)

@@ -17,15 +17,10 @@ from rich.console import Console
 
 from echoink_lite import evaluate
 from echoink_lite.data import scan_split
-from echoink_lite.evaluate import (
-    EvalConfig,
-    EvalError,
-    add_eval_arguments,
-    eval_command,
-    evaluate_rows,
-    load_eval_model,
-    run_eval,
-)
+from echoink_lite.cli import add_eval_arguments, eval_config_from_args
+from echoink_lite.cli import cmd_eval as eval_command
+from echoink_lite.evaluate import EvalConfig, EvalError, evaluate_rows, load_eval_model, run_eval
+from echoink_lite.rollout import RolloutEngine
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -60,22 +55,25 @@ def loaded(tiny_model_dir, synth_dir):
 
 
 class ScriptedGenerate:
-    """Replaces model.generate: the n-th generated sequence (in evaluation order) gets script(n)."""
+    """Replaces the rollout engine's decoding (`RolloutEngine.generate_rows`): the n-th decoded sequence (in
+    evaluation order) gets script(n). Install with `monkeypatch.setattr(RolloutEngine, "generate_rows", fake)`."""
 
     def __init__(self, tokenizer, script):
         self.tokenizer, self.script = tokenizer, script
         self.calls = self.sequences = 0
 
-    def __call__(self, input_ids, **kwargs):
+    def __get__(self, engine, owner=None):  # installed on the class: called as a method
+        return self if engine is None else (lambda prompts, rows, params=None: self(prompts, rows))
+
+    def __call__(self, prompts, rows):
+        from echoink_lite.rollout import RolloutResult
+
         self.calls += 1
-        pad = self.tokenizer.pad_token_id
         comps = []
-        for _ in range(input_ids.shape[0]):
-            comps.append(self.tokenizer.encode(self.script(self.sequences) + "<|im_end|>"))
+        for _ in rows:
+            comps.append(torch.tensor(self.tokenizer.encode(self.script(self.sequences) + "<|im_end|>")))
             self.sequences += 1
-        width = max(len(c) for c in comps) + 2  # trailing pad after <|im_end|>, as real batches have
-        comp = torch.tensor([c + [pad] * (width - len(c)) for c in comps], dtype=torch.long)
-        return torch.cat([input_ids, comp.to(input_ids.device)], dim=1)
+        return RolloutResult(comps, [torch.zeros(len(c)) for c in comps], sum(len(c) for c in comps), 0.0, "eager")
 
 
 def tag(letter: str) -> str:
@@ -93,7 +91,7 @@ def test_accuracy_and_format_rate_match_a_hand_count(loaded, synth_dir, tmp_path
         f"The answer is {gold[5]}", tag(gold[6].lower()), tag(gold[7]) + " done",
     ]
     fake = ScriptedGenerate(processor.tokenizer, lambda n: completions[n])
-    monkeypatch.setattr(model, "generate", fake)
+    monkeypatch.setattr(RolloutEngine, "generate_rows", fake)
 
     rows = scan_split(split).rows
     out = tmp_path / "pred.jsonl"
@@ -104,7 +102,7 @@ def test_accuracy_and_format_rate_match_a_hand_count(loaded, synth_dir, tmp_path
     assert result.accuracy == pytest.approx(5 / 8)
     assert result.format_failure_rate == pytest.approx(2 / 8)
     assert (result.n_rows, result.n_samples, result.generated_samples) == (8, 8, 8)
-    assert fake.calls == 3  # ceil(8 / 3) generate calls
+    assert fake.calls == 3  # ceil(8 / 3) decode batches
     assert result.parse_rule == "strict" and result.bad_rows == {}
 
     lines = read_lines(out)
@@ -119,7 +117,7 @@ def test_accuracy_and_format_rate_match_a_hand_count(loaded, synth_dir, tmp_path
 
     # The same completions under the lenient rule: rows 5 and 6 now count too.
     fake2 = ScriptedGenerate(processor.tokenizer, lambda n: completions[n])
-    monkeypatch.setattr(model, "generate", fake2)
+    monkeypatch.setattr(RolloutEngine, "generate_rows", fake2)
     lenient = evaluate_rows(model, processor, rows, EvalConfig(data=str(split), lenient=True), tmp_path / "l.jsonl", "base", quiet())
     assert lenient.accuracy == pytest.approx(7 / 8) and lenient.parse_rule == "lenient"
 
@@ -135,11 +133,11 @@ def test_k_samples_report_mean_and_spread(loaded, synth_dir, tmp_path, monkeypat
         return tag(gold[row] if k == 0 or row < 2 else wrong[gold[row]])
 
     fake = ScriptedGenerate(processor.tokenizer, script)
-    monkeypatch.setattr(model, "generate", fake)
+    monkeypatch.setattr(RolloutEngine, "generate_rows", fake)
     rows = scan_split(split).rows[:4]
     cfg = EvalConfig(data=str(split), do_sample=True, samples=2, batch_size=4, seed=3)
     result = evaluate_rows(model, processor, rows, cfg, tmp_path / "k.jsonl", "adapter", quiet())
-    assert fake.calls == 1 and fake.sequences == 8  # 4 rows x K=2 in one generate call
+    assert fake.calls == 1 and fake.sequences == 8  # 4 rows x K=2 in one decode batch
     assert result.accuracy_per_sample == [1.0, 0.5]
     assert result.accuracy == pytest.approx(0.75) and result.accuracy_mean == pytest.approx(0.75)
     assert result.accuracy_spread == pytest.approx(statistics.stdev([1.0, 0.5]))
@@ -156,12 +154,12 @@ def test_resume_generates_only_missing_rows(loaded, synth_dir, tmp_path, monkeyp
     base = dict(model="unused", data=str(split), out=str(out), batch_size=2, max_new_tokens=8)
 
     first = ScriptedGenerate(processor.tokenizer, lambda n: tag("A"))
-    monkeypatch.setattr(model, "generate", first)
+    monkeypatch.setattr(RolloutEngine, "generate_rows", first)
     summary = run_eval(EvalConfig(**base, limit=4), console=quiet())
     assert first.sequences == 4 and summary["results"][0]["n_rows"] == 4
 
     second = ScriptedGenerate(processor.tokenizer, lambda n: tag("A"))
-    monkeypatch.setattr(model, "generate", second)
+    monkeypatch.setattr(RolloutEngine, "generate_rows", second)
     console = quiet()
     summary = run_eval(EvalConfig(**base), console=console)
     assert (second.calls, second.sequences) == (2, 4)  # only rows 4..7
@@ -184,12 +182,12 @@ def test_resume_survives_a_line_cut_short(loaded, synth_dir, tmp_path, monkeypat
     rows = scan_split(split).rows[:3]
     out = tmp_path / "pred.jsonl"
     cfg = EvalConfig(data=str(split), batch_size=3)
-    monkeypatch.setattr(model, "generate", ScriptedGenerate(processor.tokenizer, lambda n: tag("B")))
+    monkeypatch.setattr(RolloutEngine, "generate_rows", ScriptedGenerate(processor.tokenizer, lambda n: tag("B")))
     evaluate_rows(model, processor, rows, cfg, out, "base", quiet())
     text = out.read_text()
     out.write_text(text[: text.rindex("\n", 0, len(text) - 1) + 1] + '{"problem_id": 2, "sam')  # crash mid-line
     again = ScriptedGenerate(processor.tokenizer, lambda n: tag("B"))
-    monkeypatch.setattr(model, "generate", again)
+    monkeypatch.setattr(RolloutEngine, "generate_rows", again)
     result = evaluate_rows(model, processor, rows, cfg, out, "base", quiet())
     assert again.sequences == 1 and result.n_rows == 3
     complete = [json.loads(x) for x in out.read_text().splitlines() if x.endswith("}")]
@@ -202,7 +200,7 @@ def test_bad_rows_are_counted_per_reason(loaded, synth_dir, tmp_path, monkeypatc
     shutil.copytree(synth_dir / "valid", split)
     (split / "audios" / "sample_3.wav").unlink()  # rejected by the scan
     monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
-    monkeypatch.setattr(model, "generate", ScriptedGenerate(processor.tokenizer, lambda n: tag("A")))
+    monkeypatch.setattr(RolloutEngine, "generate_rows", ScriptedGenerate(processor.tokenizer, lambda n: tag("A")))
     console = quiet()
     summary = run_eval(EvalConfig(model="unused", data=str(split), out=str(tmp_path / "p.jsonl")), console=console)
     result = summary["results"][0]
@@ -281,7 +279,7 @@ def test_config_errors_are_clear(tmp_path):
     console = quiet()
     assert eval_command(parser.parse_args(["--temperature", "0.7"]), console=console) == 1
     assert "add --sample" in console.file.getvalue()
-    cfg = evaluate.config_from_args(parser.parse_args(["--sample", "--samples", "4", "--top-p", "0.9"]))
+    cfg = eval_config_from_args(parser.parse_args(["--sample", "--samples", "4", "--top-p", "0.9"]))
     assert (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.samples) == (True, 1.0, 0.9, 4)
 
 
@@ -383,7 +381,7 @@ def test_without_model_the_adapters_base_and_training_quantization_are_used(tiny
     # The model it loads: the language model in 4 bits, as in training; the towers not.
     import bitsandbytes as bnb
 
-    model, _ = load_eval_model(evaluate.config_from_args(args))
+    model, _ = load_eval_model(eval_config_from_args(args))
     four_bit = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert four_bit and all(".language_model." in n for n in four_bit)
 
@@ -438,12 +436,12 @@ def test_a_retrained_adapter_at_the_same_path_does_not_reuse_old_predictions(loa
     out = tmp_path / "pred.jsonl"
     cfg = EvalConfig(adapter=str(adapter), quantization="none", data=str(synth_dir / "valid"), out=str(out), limit=2)
     first = ScriptedGenerate(processor.tokenizer, lambda n: tag("A"))
-    monkeypatch.setattr(model, "generate", first)
+    monkeypatch.setattr(RolloutEngine, "generate_rows", first)
     assert run_eval(cfg, console=quiet())["results"][0]["generated_samples"] == 2
 
     # The same adapter again: resumed, nothing generated.
     again = ScriptedGenerate(processor.tokenizer, lambda n: tag("A"))
-    monkeypatch.setattr(model, "generate", again)
+    monkeypatch.setattr(RolloutEngine, "generate_rows", again)
     assert run_eval(cfg, console=quiet())["results"][0]["resumed_samples"] == 2 and again.sequences == 0
 
     # Train again into the same folder (here: other weights): the old predictions are not reused.
