@@ -446,10 +446,20 @@ def trl_config_kwargs(recipe, device: str, steps: int, output_dir: str) -> dict[
         num_generations=g.group_size, max_completion_length=gen.max_completion_tokens, temperature=gen.temperature,
         top_p=gen.top_p, top_k=gen.top_k, beta=g.beta, learning_rate=s.learning_rate, lr_scheduler_type=s.lr_scheduler,
         weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, max_steps=steps, seed=s.seed,
-        gradient_checkpointing=recipe.model.gradient_checkpointing, bf16=(recipe.model.dtype == "bfloat16" and device.startswith("cuda")),
+        **_checkpointing_kwarg(recipe.model.gradient_checkpointing), bf16=(recipe.model.dtype == "bfloat16" and device.startswith("cuda")),
         use_cpu=not device.startswith("cuda"), logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
     )
+
+
+def _checkpointing_kwarg(on: bool) -> dict[str, bool]:
+    """transformers 5.23 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    return {"activation_checkpointing": on} if "activation_checkpointing" in names else {"gradient_checkpointing": on}
 
 
 def run_trl(name: str, recipe, ctx: dict[str, Any], console) -> dict[str, Any]:
