@@ -582,7 +582,8 @@ def load_training_state(path: Path, model, optimizer, scheduler, device, rank: i
 
     from .adapters import check_adapter_fits
 
-    check_adapter_fits(model, path / "adapter")
+    check_adapter_fits(model, path / "adapter", fix="resume with the recipe and base model that wrote this checkpoint, "
+                       "or start a new run in another checkpoint.output_dir")
     weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(device))
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):

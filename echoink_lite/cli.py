@@ -304,7 +304,8 @@ def cmd_export(args) -> int:
 # --------------------------------------------------------------------------------------------
 # eval and infer
 # --------------------------------------------------------------------------------------------
-def add_eval_arguments(parser) -> None:
+def _model_arguments(parser) -> None:
+    """Which model eval and infer load: a base, an adapter on it, or a merged checkpoint; its quantization."""
     from .evaluate import QUANTIZATION_CHOICES
 
     a = parser.add_argument
@@ -312,6 +313,15 @@ def add_eval_arguments(parser) -> None:
       "default with --adapter: the base its adapter_config.json names")
     a("--adapter", default=None, help="LoRA adapter folder saved by a training run, applied on --model")
     a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model (not with --adapter)")
+    a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
+      help="of the base: auto = as the adapter was trained (its run's recipe.yaml; NF4 for QLoRA), else none; "
+      "nf4 = 4-bit NF4; none = unquantized (--dtype)")
+    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+
+
+def add_eval_arguments(parser) -> None:
+    _model_arguments(parser)
+    a = parser.add_argument
     a("--data", default="data/avqa/valid", help="split folder (AVQA layout) or its JSON list")
     a("--out", default=None, help="predictions JSONL (default: ADAPTER_OR_MERGED_DIR/predictions.jsonl, else ./eval/); reruns resume it")
     a("--batch-size", type=int, default=8, help="rows decoded together (each repeated --samples times)")
@@ -324,10 +334,6 @@ def add_eval_arguments(parser) -> None:
     a("--lenient", action="store_true", help="the original's fallback parser: first standalone option letter if no <answer> tag (counts the word 'a' as A)")
     a("--limit", type=int, default=None, help="only the first N usable rows")
     a("--compare-base", action="store_true", help="also score the base model (adapter switched off) and print the difference")
-    a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
-      help="of the base: auto = as the adapter was trained (its run's recipe.yaml; NF4 for QLoRA), else none; "
-      "nf4 = 4-bit NF4; none = unquantized (--dtype)")
-    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     a("--max-audio-seconds", type=float, default=10.0, help="audio cut (the paper: 10 s)")
     a("--max-pixels", type=int, default=256 * 28 * 28, help="image pixel cap (the paper: 256*28*28)")
     a("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA (the CUDA-graph decode falls back by itself)")
@@ -368,13 +374,8 @@ def cmd_eval(args, console=None) -> int:
 
 
 def add_infer_arguments(parser) -> None:
-    from .evaluate import QUANTIZATION_CHOICES
-
+    _model_arguments(parser)
     a = parser.add_argument
-    a("--model", default=None, help="base checkpoint: Hub id or local folder (default with --adapter: the base its "
-      "adapter_config.json names)")
-    a("--adapter", default=None, help="LoRA adapter folder, applied on --model")
-    a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model")
     a("--audio", required=True, help="audio file (first 10 s used, 16 kHz mono)")
     a("--image", required=True, help="image file")
     a("--question", required=True, help="the question")
@@ -383,9 +384,6 @@ def add_infer_arguments(parser) -> None:
     a("--max-new-tokens", type=int, default=768, help="completion budget")
     a("--sample", action="store_true", help="sample (temperature 1, top_p 0.95) instead of greedy")
     a("--no-stream", action="store_true", help="print only the final panel, not the tokens as they come")
-    a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
-      help="of the base: auto = as the adapter was trained (its run's recipe.yaml), else none; nf4; none")
-    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
 
 
 def cmd_infer(args, console=None) -> int:

@@ -13,7 +13,8 @@ batch (16 to 128 sequences): per-token launch and Python overhead, not the GPU. 
 3. on CUDA, captures that decode step as a CUDA graph after two eager warm-up steps, checks one replay
    against an eager step, and replays it; if capture fails or the check disagrees, it falls back to eager
    with a one-line notice. `RolloutResult.path` says which path ran ("cuda-graph" or "eager");
-4. stops as soon as every row has produced EOS (checked every `sync_every` tokens).
+4. stops as soon as every row has produced EOS (checked every `sync_every` tokens on a GPU, where the
+   check is a host sync; after every token on the CPU).
 
 Sampling is the paper's (EchoInk-R1 trains with temperature 1.0, top_p 0.95 and the generation default
 top_k 50): suppressed tokens are set to -inf, then temperature, top-k, top-p, exactly as transformers'
@@ -260,9 +261,11 @@ class RolloutEngine:
         st.step += 1
 
     def _run_eager(self, st: _Decode, step, todo: int) -> None:
+        # On a GPU the EOS check is a host sync, so it runs every `sync_every` tokens; on the CPU it is free.
+        every = self.sync_every if st.finished.device.type == "cuda" else 1
         for n in range(todo):
             step()
-            if (n + 1) % self.sync_every == 0 and bool(st.finished.all()):
+            if (n + 1) % every == 0 and bool(st.finished.all()):
                 return
 
     def _run_with_graph(self, st: _Decode, step, todo: int) -> tuple[str, str | None]:

@@ -4,7 +4,7 @@
 the whole sequence and `lm_head` over every position. A GRPO step needs less, so the kit calls the same
 modules (and therefore the same LoRA layers) piece by piece:
 
-- `encode_prompts`: the frozen audio and vision towers run ONCE per prompt per step. The prompt's input
+- `encode_prompts`: the frozen audio and vision towers run ONCE per prompt per step (one batched call each). The prompt's input
   embeddings and its 3-D rope positions (`PromptInputs`) are kept and reused by the rollout, the reference
   pass and the policy pass. Before, the towers ran again for every completion in every pass.
 - `run_layers`: the decoder layers with a cache object the caller chooses: a static cache for decoding
@@ -57,27 +57,34 @@ class PromptInputs:
 
 @torch.no_grad()
 def encode_prompts(model, encoded: list[Encoded], device, float_dtype) -> list[PromptInputs]:
-    """Run the frozen towers once per prompt; the same embeddings as `thinker.model(...)` builds inside."""
+    """Run the frozen towers once for all prompts (one audio-tower and one vision-tower call) and build each
+    prompt's input embeddings as `thinker.model(...)` builds them inside."""
+    if not encoded:
+        return []
     inner = thinker_of(model).model  # Qwen2_5OmniThinkerModel: towers + language model
-    out = []
-    for e in encoded:
+    fmask = torch.stack([e.feature_attention_mask for e in encoded]).to(device)
+    features = torch.stack([e.input_features for e in encoded]).to(device, float_dtype)
+    audio = inner.get_audio_features(features, fmask, return_dict=True).last_hidden_state
+    grids = torch.cat([e.image_grid_thw for e in encoded]).to(device)
+    pixels = torch.cat([e.pixel_values for e in encoded]).to(device, float_dtype)
+    images = inner.get_image_features(pixels, grids, return_dict=True).pooler_output  # one tensor per image
+    audio_id = inner.config.audio_token_id
+    out, start = [], 0
+    for e, fm, grid, image in zip(encoded, fmask, grids, images):
         ids = e.input_ids[None].to(device)
         embeds = inner.get_input_embeddings()(ids)
-        fmask = e.feature_attention_mask[None].to(device)
-        audio = inner.get_audio_features(e.input_features[None].to(device, float_dtype), fmask, return_dict=True)
-        audio = audio.last_hidden_state.to(embeds.device, embeds.dtype)
+        n_audio = int((ids == audio_id).sum())
+        clip, start = audio[start: start + n_audio], start + n_audio
         _, _, audio_mask = inner.get_placeholder_mask(ids, inputs_embeds=embeds)
-        embeds = embeds.masked_scatter(audio_mask, audio)
-        grid = e.image_grid_thw.to(device)
-        image = inner.get_image_features(e.pixel_values.to(device, float_dtype), grid, return_dict=True)
-        image = torch.cat(image.pooler_output, dim=0).to(embeds.device, embeds.dtype)
+        embeds = embeds.masked_scatter(audio_mask, clip.to(embeds.device, embeds.dtype))
+        image = image.to(embeds.device, embeds.dtype)
         image_mask, _, _ = inner.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=image)
         embeds = embeds.masked_scatter(image_mask, image)
-        positions, _ = inner.get_rope_index(
-            ids, grid, None, torch.ones_like(ids), False, fmask.sum(-1), None,
-        )
+        positions, _ = inner.get_rope_index(ids, grid[None], None, torch.ones_like(ids), False, fm.sum()[None], None)
         positions = positions[:, 0]  # [3, L]
         out.append(PromptInputs(embeds[0], positions, int(positions.max()) + 1))
+    if start != audio.shape[0]:
+        raise ValueError(f"audio features for {audio.shape[0]} tokens but {start} audio placeholders in the prompts")
     return out
 
 

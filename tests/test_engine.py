@@ -76,16 +76,20 @@ def test_towers_run_once_per_prompt_per_step(tiny_model_dir, synth_dir, tmp_path
     from echoink_lite.grpo import train
     from test_grpo import tiny_recipe
 
-    calls = {"audio": 0, "vision": 0}
-    for cls, key in ((omni.Qwen2_5OmniAudioEncoder, "audio"), (omni.Qwen2_5OmniVisionEncoder, "vision")):
-        real = cls.forward
+    seen = {"audio": 0, "vision": 0}  # clips and images the towers processed
+    real_audio, real_vision = omni.Qwen2_5OmniAudioEncoder.forward, omni.Qwen2_5OmniVisionEncoder.forward
 
-        def counted(self, *a, _real=real, _key=key, **kw):
-            calls[_key] += 1
-            return _real(self, *a, **kw)
+    def audio(self, input_features, feature_lens=None, *a, **kw):
+        seen["audio"] += len(feature_lens)
+        return real_audio(self, input_features, feature_lens, *a, **kw)
 
-        monkeypatch.setattr(cls, "forward", counted)
+    def vision(self, hidden_states, grid_thw=None, *a, **kw):
+        seen["vision"] += len(grid_thw)
+        return real_vision(self, hidden_states, grid_thw, *a, **kw)
+
+    monkeypatch.setattr(omni.Qwen2_5OmniAudioEncoder, "forward", audio)
+    monkeypatch.setattr(omni.Qwen2_5OmniVisionEncoder, "forward", vision)
     recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run", schedule__max_steps=2)
     train(recipe)
     prompts = 2 * recipe.grpo.prompts_per_step  # group 4, beta > 0: rollout, reference and policy all reuse them
-    assert calls == {"audio": prompts, "vision": prompts}
+    assert seen == {"audio": prompts, "vision": prompts}
