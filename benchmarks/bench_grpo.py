@@ -452,6 +452,17 @@ def trl_config_kwargs(recipe, device: str, steps: int, output_dir: str) -> dict[
     )
 
 
+@contextlib.contextmanager
+def trl_internal_deprecations():
+    """TRL 1.16 and PEFT call transformers' renamed gradient-checkpointing API inside GRPOTrainer (the peer
+    baseline): their notices, not the kit's, so they are silenced for that run only."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+        yield
+
+
 def _checkpointing_kwarg(on: bool) -> dict[str, bool]:
     """transformers 5.23 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing."""
     import dataclasses
@@ -509,8 +520,9 @@ def run_trl(name: str, recipe, ctx: dict[str, Any], console) -> dict[str, Any]:
                 step_times.append(now - self.t)
                 self.t = now
 
-        trainer = GRPOTrainer(model=model, reward_funcs=[trl_accuracy, trl_format], args=args, train_dataset=dataset,
-                              processing_class=processor, peft_config=lora, callbacks=[StepTimer()])
+        with trl_internal_deprecations():
+            trainer = GRPOTrainer(model=model, reward_funcs=[trl_accuracy, trl_format], args=args, train_dataset=dataset,
+                                  processing_class=processor, peft_config=lora, callbacks=[StepTimer()])
         generate = trainer.model.generate
 
         def timed_generate(*a, **kw):
@@ -527,7 +539,8 @@ def run_trl(name: str, recipe, ctx: dict[str, Any], console) -> dict[str, Any]:
         trainer.model.generate = timed_generate
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        trainer.train()
+        with trl_internal_deprecations():
+            trainer.train()
         if device.startswith("cuda"):
             out["peak_gpu_allocated_gb"] = torch.cuda.max_memory_allocated() / GIB
             out["peak_gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / GIB
