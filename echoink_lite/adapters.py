@@ -443,3 +443,19 @@ def _pattern_value(patterns: dict[str, Any], module: str, default):
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = False, *, base_name: str | None = None, fix: str | None = None):
+    """Attach a saved PEFT adapter to a loaded thinker, after checking that it fits the thinker exactly
+    (`check_adapter_fits`: PEFT itself drops LoRA weights for layers the base lacks without a
+    word). Raises AdapterError, a ModelLoadError, with one line naming the folder, base and fix."""
+    from peft import PeftModel
+
+    from .modeling import peft_reading_deprecated_property
+
+    check_adapter_fits(model, adapter_dir, base_name=base_name, fix=fix)
+    with peft_reading_deprecated_property():
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

@@ -51,13 +51,12 @@ from typing import Any
 
 import torch
 
-from .adapters import adapter_base_model, adapter_content_hash, training_quantization
+from .adapters import adapter_base_model, adapter_content_hash, load_adapter, training_quantization
 from .answer_protocol import format_ok, parse_answer
 from .data import DataError, Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .modeling import (
     ModelLoadError,
     default_device,
-    load_adapter,
     load_processor,
     load_thinker,
     multimodal_token_ids,

@@ -416,13 +416,13 @@ class MemoryEstimate:
 
 def estimate_memory(recipe: Recipe, gpu_memory_gb: float | None = None, *, config: dict[str, Any] | None = None,
                     prompt_tokens: int | None = None, text_tokens: int = DEFAULT_TEXT_TOKENS,
-                    headroom: float = DEFAULT_HEADROOM, suggest: bool = True, config_source: str | None = None) -> MemoryEstimate:
+                    headroom: float = DEFAULT_HEADROOM, config_source: str | None = None) -> MemoryEstimate:
     """Peak GPU memory of one training process of `recipe` (see the module docstring for the formula).
 
     `gpu_memory_gb`: the GPU's memory in GiB (default: the detected GPU, else 24).
     `config`: a thinker config dict (default: read for recipe.model.name_or_path without the network).
     `prompt_tokens`: a measured prompt length, instead of text_tokens + audio + image tokens.
-    `suggest`: when the recipe does not fit, also search the changes that make it fit (memory_suggestions.py).
+    The changes that make a recipe fit are searched by `plan.estimate_memory` (memory_suggestions.py).
     """
     if config is None:
         config, source = load_thinker_config(recipe.model.name_or_path, recipe.model.revision)
@@ -533,8 +533,4 @@ def estimate_memory(recipe: Recipe, gpu_memory_gb: float | None = None, *, confi
                          gpu_memory_gb=float(gpu_memory_gb), headroom=headroom,
                          fits=total_gb <= gpu_memory_gb * (1 - headroom), formula=formula, notes=notes, tokens=tokens,
                          params=params, config_source=config_source or "")
-    if suggest and not est.fits:
-        from .memory_suggestions import suggest_changes  # imported here: the search itself calls estimate_memory
-
-        est.suggestions = suggest_changes(recipe, est, config=config, prompt_tokens=prompt_tokens, text_tokens=text_tokens)
     return est

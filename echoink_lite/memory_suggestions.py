@@ -156,7 +156,7 @@ def suggest_changes(recipe: Recipe, est: MemoryEstimate, *, config: dict[str, An
     def estimate(changes: dict[str, Any]) -> MemoryEstimate | None:
         alt = recipe_with(recipe, with_valid_batches(recipe, changes))
         return None if alt is None else estimate_memory(alt, est.gpu_memory_gb, config=config, prompt_tokens=prompt_tokens,
-                                                        text_tokens=text_tokens, headroom=est.headroom, suggest=False)
+                                                        text_tokens=text_tokens, headroom=est.headroom)
 
     def total(changes: dict[str, Any]) -> float | None:
         e = estimate(changes)

@@ -222,7 +222,8 @@ def check_logits(out: Path, base: Base, adapter: Adapter, fmt: str, dtype_key: s
 
     from transformers import AutoConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration
 
-    from .modeling import load_adapter, load_processor, load_thinker
+    from .adapters import load_adapter
+    from .modeling import load_processor, load_thinker
 
     dtype = DTYPES[dtype_key]
     dname = DTYPE_CONFIG_NAMES[dtype_key]

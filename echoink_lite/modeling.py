@@ -335,19 +335,6 @@ def add_lora(model, lora, gradient_checkpointing: bool = True, seed: int | None 
     return peft_model
 
 
-def load_adapter(model, adapter_dir: str | Path, trainable: bool = False, *, base_name: str | None = None, fix: str | None = None):
-    """Attach a saved PEFT adapter to a loaded thinker, after checking that it fits the thinker exactly
-    (`adapters.check_adapter_fits`: PEFT itself drops LoRA weights for layers the base lacks without a
-    word). Raises adapters.AdapterError, a ModelLoadError, with one line naming the folder, base and fix."""
-    from peft import PeftModel
-
-    from .adapters import check_adapter_fits
-
-    check_adapter_fits(model, adapter_dir, base_name=base_name, fix=fix)
-    with peft_reading_deprecated_property():
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
-
-
 @contextmanager
 def peft_reading_deprecated_property():
     """Wrap a PEFT model around a thinker without a warning the kit cannot act on.

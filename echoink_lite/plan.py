@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import memory_estimate as _estimate
 from .memory_estimate import (
     ALLOCATOR_RESERVE_FRACTION, COMPONENT_LABELS, DEFAULT_GPU_GIB, DEFAULT_HEADROOM, DEFAULT_TEXT_TOKENS, GIB, Dims,
     MemoryEstimate, PlanError, Terms, bundled_thinker_config, count_parameters, detected_gpu_memory_gib,
-    estimate_memory, find_group, largest_member, load_thinker_config, lora_parameter_count, nf4_bits_per_param,
+    find_group, largest_member, load_thinker_config, lora_parameter_count, nf4_bits_per_param,
     prompt_token_estimate, term_size,
 )
 from .memory_suggestions import Suggestion, suggest_changes
@@ -66,6 +67,16 @@ class Row:
 # ---------------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------------
+
+def estimate_memory(recipe, gpu_memory_gb: float | None = None, *, suggest: bool = True, **kw) -> MemoryEstimate:
+    """`memory_estimate.estimate_memory`, plus (with `suggest`, when the recipe does not fit) the changes
+    that make it fit (`memory_suggestions.suggest_changes`)."""
+    est = _estimate.estimate_memory(recipe, gpu_memory_gb, **kw)
+    if suggest and not est.fits:
+        est.suggestions = suggest_changes(recipe, est, config=kw.get("config"), prompt_tokens=kw.get("prompt_tokens"),
+                                          text_tokens=kw.get("text_tokens", DEFAULT_TEXT_TOKENS))
+    return est
+
 def component_label(key: str, est: MemoryEstimate, recipe: Recipe) -> str:
     """What a component is, with the numbers that size it where they help."""
     tk, comp = est.tokens, est.components

@@ -21,7 +21,8 @@ from echoink_lite.adapters import (
     training_quantization,
     training_recipe_file,
 )
-from echoink_lite.modeling import ModelLoadError, add_lora, load_adapter, load_thinker
+from echoink_lite.adapters import load_adapter
+from echoink_lite.modeling import ModelLoadError, add_lora, load_thinker
 from echoink_lite.recipe import LoraSection
 
 

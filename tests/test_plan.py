@@ -14,8 +14,9 @@ import pytest
 
 from echoink_lite import plan
 from echoink_lite.cli import parse_gpu_memory
+from echoink_lite.plan import estimate_memory  # the estimate with the suggestion search
 from echoink_lite.memory_estimate import (
-    ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_GIB, GIB, Dims, bundled_thinker_config, count_parameters, estimate_memory,
+    ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_GIB, GIB, Dims, bundled_thinker_config, count_parameters,
     lora_parameter_count, nf4_bits_per_param,
 )
 from echoink_lite.memory_suggestions import (
