@@ -277,6 +277,11 @@ def cmd_merge(args) -> int:
         console.print("[bold red]verification failed[/]: the merged folder was written but does not match base + adapter; "
                       "do not publish it. Nothing was pushed.")
         return 1
+    untrained = ((report.get("verification") or {}).get("weights") or {}).get("untrained_adapter")
+    if args.push_to_hub and untrained:
+        console.print("[bold red]not pushed[/]: every LoRA B is zero (an untrained adapter), so the merged model equals "
+                      "the base. Train the adapter first; the merged folder is in " + str(args.out), highlight=False)
+        return 1
     return _push(console, args.out, args) if args.push_to_hub else 0
 
 

@@ -46,3 +46,15 @@ def test_some_zero_b_targets_fail_with_one_summary_line(tiny_model_dir, tmp_path
     assert report["ok"] is False and weights["untrained_adapter"] is False
     assert weights["lora_tensors_changed"] == 14
     assert weights["problems"] == [weights["problems"][0]] and weights["problems"][0].startswith("14 of 28 LoRA targets have B = 0")
+
+
+def test_an_untrained_merge_is_never_pushed(monkeypatch, tmp_path):
+    import echoink_lite.export as export
+    import echoink_lite.merge as merge
+    from echoink_lite.cli import main
+
+    report = {"ok": True, "verification": {"weights": {"untrained_adapter": True}}}
+    monkeypatch.setattr(merge, "merge_adapter", lambda *a, **k: report)
+    monkeypatch.setattr(export, "push_to_hub", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pushed")))
+    args = ["merge", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m"), "--push-to-hub", "me/model"]
+    assert main(args) == 1
