@@ -55,6 +55,10 @@ def test_an_untrained_merge_is_never_pushed(monkeypatch, tmp_path):
 
     report = {"ok": True, "verification": {"weights": {"untrained_adapter": True}}}
     monkeypatch.setattr(merge, "merge_adapter", lambda *a, **k: report)
-    monkeypatch.setattr(export, "push_to_hub", lambda *a, **k: (_ for _ in ()).throw(AssertionError("pushed")))
+    pushed = []
+    monkeypatch.setattr(export, "push_to_hub", lambda *a, **k: pushed.append(a) or "https://hub/me/model")
     args = ["merge", "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "m"), "--push-to-hub", "me/model"]
     assert main(args) == 1
+    assert pushed == []
+    report["verification"]["weights"]["untrained_adapter"] = False  # a trained one is pushed
+    assert main(args) == 0 and len(pushed) == 1
