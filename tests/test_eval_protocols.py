@@ -484,3 +484,39 @@ def test_infer_max_new_tokens_zero_is_one_line(synth_dir, capsys):
     (line,) = out.out.splitlines()
     assert line.startswith("error: --max-new-tokens 0: ") and "generation.max_completion_tokens" in line
     assert "Traceback" not in out.err
+
+
+def test_three_numbers_side_by_side(loaded, synth_dir, tmp_path, monkeypatch, capsys):
+    from echoink_lite import eval_report
+
+    model, processor = loaded
+    monkeypatch.setattr(evaluate, "load_eval_model", lambda cfg: (model, processor))
+    monkeypatch.setattr(RolloutEngine, "generate_rows", Scripted(processor.tokenizer, lambda n: "<answer>A</answer>"))
+    paths = []
+    for protocol in ("echoink-base", "echoink-rl", "kit"):
+        out = tmp_path / f"{protocol}.jsonl"
+        run_eval(EvalConfig(model="unused", protocol=protocol, data=str(synth_dir / "valid"), out=str(out)), console=quiet())
+        paths.append(str(evaluate.summary_path(out)))
+    capsys.readouterr()
+    assert eval_report.main(paths) == 0
+    text = capsys.readouterr().out
+    accuracy = sum(item["solution"] == "<answer>A</answer>"
+                   for item in json.loads((synth_dir / "valid" / "omni_rl_format_valid.json").read_text())) / 8
+    assert "evaluations side by side" in text and "80.53%" in text and "85.77%" in text
+    assert text.count(f"{100 * accuracy:.2f}%") == 3  # every protocol read "A" from the same replies
+    rows = eval_report.side_by_side([json.loads(Path(p).read_text()) for p in paths], quiet())
+    assert [(r["protocol"], r["paper"]) for r in rows] == [("echoink-base", 80.53), ("echoink-rl", 85.77), ("kit", None)]
+    assert eval_report.main([str(tmp_path / "missing.summary.json")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "missing.summary.json" in line and "pass the .summary.json an eval wrote" in line
+
+
+def test_the_model_card_names_the_protocol():
+    from echoink_lite.export import _eval_lines
+
+    summary = {"split": "valid", "rows_evaluated": 8, "parse_rule": "extract_choice",
+               "protocol": {"name": "echoink-rl", "decoding": "sampled: temperature 1, top_p 0.95, top_k 50"},
+               "results": [{"label": "adapter", "n_rows": 8, "accuracy": 0.5, "format_failure_rate": 0.0}]}
+    text = "\n".join(_eval_lines(summary))
+    assert "protocol: `echoink-rl` (sampled: temperature 1, top_p 0.95, top_k 50)" in text
+    assert "protocol" not in "\n".join(_eval_lines({**summary, "protocol": None}))
