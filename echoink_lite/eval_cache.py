@@ -15,10 +15,9 @@ line is reused for a row only when all of these match:
 Why a content hash of the media, not size and modification time: the data is commonly downloaded again
 (Colab loses its local disk, so the notebook downloads AVQA-R1-6K afresh each session), which renews
 every file's time and would throw the whole cache away, while a file replaced by one of the same size and
-time would slip through. Hashing costs one read of each file per run (about a second for the 1,911
-validation items' media on a local disk), done once per process (`media_digest` memoises it by path,
-inode, size, modification time and status-change time: a rewrite renews the last, which `touch`/`utime`
-cannot set back).
+time would slip through. Hashing costs one more read of each media file per run (the evaluation reads each
+once anyway to decode it), done once per process (`media_digest` memoises it by path, inode, size,
+modification time and status-change time: a rewrite renews the last, which `touch`/`utime` cannot set back).
 
 The gold answer is not part of the key: the model never sees it. A reused line is **re-scored** against
 the row's current solution instead; when the gold changed, the corrected line is appended (``rescored_from``

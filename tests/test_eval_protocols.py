@@ -440,7 +440,9 @@ def test_a_full_omni_checkpoint_under_both_protocols_from_the_cli(tiny_full_mode
         assert result["label"] == label and result["n_rows"] == 4 and result["n_samples"] == 4 * samples
         assert set(result["breakdowns"]) == {"task_type", "audio_type"}
         assert sum(g["rows"] for g in result["breakdowns"]["audio_type"].values()) == 4
-    assert rl["results"][0]["accuracy_spread"] is not None and rl["results"][0]["sampling_se"] is not None
+    r = rl["results"][0]
+    assert r["accuracy_spread"] is not None and base["results"][0]["sampling_se"] is None  # greedy: no sampling noise
+    assert r["sampling_se"] == pytest.approx((r["accuracy"] * (1 - r["accuracy"]) / r["n_rows"]) ** 0.5)
     for name, base_model in (("base", True), ("rl", False)):
         lines = read_lines(tmp_path / f"{name}.jsonl")
         assert all(line["parsed"] == original_extract_choice(line["reply"]) for line in lines)
@@ -520,3 +522,17 @@ def test_the_model_card_names_the_protocol():
     text = "\n".join(_eval_lines(summary))
     assert "protocol: `echoink-rl` (sampled: temperature 1, top_p 0.95, top_k 50)" in text
     assert "protocol" not in "\n".join(_eval_lines({**summary, "protocol": None}))
+
+
+def test_task_type_and_audio_type_are_strings_or_null(synth_dir, tmp_path):
+    def edit(items):
+        items[0]["task_type"] = 3
+        items[1]["audio_type"] = ["music"]
+        items[2]["task_type"] = None
+
+    scan = scan_split(copy_split(synth_dir, tmp_path, edit))
+    assert [(r.index, r.reason) for r in scan.rejects] == [(0, "malformed_row"), (1, "malformed_row")]
+    assert "field 'task_type' is a int, expected a string or null" in scan.rejects[0].detail
+    assert "field 'audio_type' is a list" in scan.rejects[1].detail
+    row = scan.rows[0]
+    assert row.index == 2 and row.task_type is None and row.audio_type in ("low tone", "high tone")
