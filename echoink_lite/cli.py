@@ -325,18 +325,28 @@ def _model_arguments(parser) -> None:
 
 
 def add_eval_arguments(parser) -> None:
+    from .eval_protocols import PROTOCOL_CHOICES
+
     _model_arguments(parser)
     a = parser.add_argument
     a("--data", default="data/avqa/valid", help="split folder (AVQA layout) or its JSON list")
-    a("--out", default=None, help="predictions JSONL (default: ADAPTER_OR_MERGED_DIR/predictions.jsonl, else ./eval/); reruns resume it")
+    a("--out", default=None, help="predictions JSONL (default: ADAPTER_OR_MERGED_DIR/predictions[-PROTOCOL].jsonl, else "
+      "./eval/); reruns resume it")
+    a("--protocol", choices=PROTOCOL_CHOICES, default="kit",
+      help="kit (default): the training prompt, greedy unless --sample, strict parsing; echoink-base / echoink-rl: "
+      "the original's evaluation of the base (80.53%%) / trained (85.77%%) model: its prompt, system message, "
+      "decoding and extract_choice parser (docs/reproduction.md)")
     a("--batch-size", type=int, default=8, help="rows decoded together (each repeated --samples times)")
-    a("--max-new-tokens", type=int, default=768, help="completion budget (the paper: 768)")
-    a("--sample", action="store_true", help="sample like the paper's protocol (temperature 1, top_p 0.95) instead of greedy")
-    a("--temperature", type=float, default=None, help="sampling temperature (with --sample; default 1.0)")
-    a("--top-p", type=float, default=None, help="nucleus sampling (with --sample; default 0.95)")
-    a("--samples", type=int, default=1, metavar="K", help="completions per row (with --sample); reports mean ± spread")
+    a("--max-new-tokens", type=int, default=None,
+      help="completion budget (default: 768 for kit, the paper's training budget; 1024 for echoink-*, the original's)")
+    a("--sample", action="store_true", help="kit protocol: sample like the paper's training (temperature 1, top_p 0.95) "
+      "instead of greedy (echoink-rl always samples)")
+    a("--temperature", type=float, default=None, help="sampling temperature (kit protocol with --sample; default 1.0)")
+    a("--top-p", type=float, default=None, help="nucleus sampling (kit protocol with --sample; default 0.95)")
+    a("--samples", type=int, default=1, metavar="K", help="completions per row (sampled decoding); reports mean ± spread")
     a("--seed", type=int, default=0, help="sampling seed")
-    a("--lenient", action="store_true", help="the original's fallback parser: first standalone option letter if no <answer> tag (counts the word 'a' as A)")
+    a("--lenient", action="store_true", help="kit protocol: fall back to the first standalone option letter if no "
+      "<answer> tag (counts the word 'a' as A)")
     a("--limit", type=int, default=None, help="only the first N usable rows")
     a("--compare-base", action="store_true", help="also score the base model (adapter switched off) and print the difference")
     a("--max-audio-seconds", type=float, default=10.0, help="audio cut (the paper: 10 s)")
@@ -347,11 +357,12 @@ def add_eval_arguments(parser) -> None:
 def eval_config_from_args(args):
     from .evaluate import PAPER_TEMPERATURE, PAPER_TOP_P, EvalConfig, EvalError
 
-    if not args.sample and (args.temperature is not None or args.top_p is not None):
+    if args.protocol == "kit" and not args.sample and (args.temperature is not None or args.top_p is not None):
         raise EvalError("--temperature and --top-p apply to sampling; add --sample (without it decoding is greedy)")
     return EvalConfig(
         model=args.model, adapter=args.adapter, merged=args.merged, data=args.data, out=args.out,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, protocol=args.protocol,
+        do_sample=args.sample and args.protocol != "echoink-rl",
         temperature=PAPER_TEMPERATURE if args.temperature is None else args.temperature,
         top_p=PAPER_TOP_P if args.top_p is None else args.top_p,
         samples=args.samples, seed=args.seed, lenient=args.lenient, limit=args.limit,
@@ -373,7 +384,7 @@ def cmd_eval(args, console=None) -> int:
     try:
         run_eval(eval_config_from_args(args), console=console)
     except (EvalError, DataError, ModelLoadError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, any width
         return 1
     return 0
 
@@ -411,7 +422,7 @@ def cmd_infer(args, console=None) -> int:
                            do_sample=args.sample, stream=not args.no_stream, quantization=args.quantization,
                            dtype=args.dtype, console=console)
     except (EvalError, DataError, ModelLoadError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, any width
         return 1
     think = result["think"] if result["think"] is not None else "(no <think> block)"
     answer = result["answer"] if result["answer"] is not None else "(no valid answer)"

@@ -123,6 +123,10 @@ class Row:
     audio_path: Path
     data_source: str | None
     index: int  # 0-based position in the source file
+    # AVQA-R1-6K's question and sound categories, kept for the evaluation's breakdowns (the original's
+    # omniInstruct-v1_cal_metrics_valid.py reports accuracy by each); None where a row has none.
+    task_type: str | None = None
+    audio_type: str | None = None
 
     @property
     def prompt_text(self) -> str:
@@ -358,9 +362,10 @@ def _check_structure(item: Any) -> tuple[str, str] | None:
                 f"field 'path.{name}' is a {type(value).__name__}, expected a relative path string;"
                 " fix the row"
             )
-    source = item.get("data_source")
-    if source is not None and not isinstance(source, str):
-        return BAD_JSON, f"field 'data_source' is a {type(source).__name__}, expected a string or null; fix the row"
+    for name in ("data_source", "task_type", "audio_type"):
+        value = item.get(name)
+        if value is not None and not isinstance(value, str):
+            return BAD_JSON, f"field '{name}' is a {type(value).__name__}, expected a string or null; fix the row"
     return None
 
 
@@ -527,6 +532,8 @@ def scan_split(path: str | Path, open_media: bool = True) -> SplitScan:
                 audio_path=audio_path,
                 data_source=item.get("data_source"),
                 index=index,
+                task_type=item.get("task_type"),
+                audio_type=item.get("audio_type"),
             )
         )
     return scan

@@ -1,22 +1,24 @@
 """Score a base, adapter or merged thinker on an AVQA-layout split: `echoink-lite eval`.
 
-What: every usable row of the split is prompted exactly as in training (the shared prompt path in
-``prompting``), the completion is generated (greedy by default, the paper's sampling with ``--sample``),
-the option letter is parsed and compared with the gold letter. One JSON line per (row, sample) goes to a
-predictions file; a summary table is printed and written beside it as ``<stem>.summary.json``.
+What: every usable row of the split is prompted under an evaluation protocol (``eval_protocols``: the kit's
+own by default, the training prompt through the shared prompt path in ``prompting``; or ``echoink-base`` /
+``echoink-rl``, the original's two evaluations), the completion is generated, the option letter is parsed
+and compared with the gold letter. One JSON line per (row, sample) goes to a predictions file, with the
+rendered prompt and the reply, so any one can be audited; a summary table (with accuracy by ``task_type``
+and ``audio_type`` when the rows have them) is printed and written beside it as ``<stem>.summary.json``.
 
 Why it is built this way:
 
 - **Strict parsing by default.** The original took the first standalone A-D letter when no ``<answer>``
-  tag was found, so the English word "a" counted as answer A. ``--lenient`` reproduces that rule for
-  comparison with the paper's numbers; the summary always says which rule produced a number.
-- **Resumable.** A 1,911-row evaluation of a 7B model takes hours on a Colab GPU that may vanish. Lines are
-  flushed after each batch; a rerun with the same ``--out`` skips the (row, sample) pairs already written
-  for the same label and counts them in the metrics. Each line carries a short hash of the settings that
-  shape a completion (model, adapter, decoding, media caps, parse rule); a rerun with other settings
-  refuses to mix its lines with the old ones instead of silently reporting a blend. The adapter enters
-  that hash by its content (``adapters.adapter_content_hash``), not its path: training again into the same
-  run folder must not be answered with the old adapter's predictions.
+  tag was found, so the English word "a" counted as answer A. The kit's protocol counts only
+  ``<answer>X</answer>``; ``--protocol echoink-base|echoink-rl`` reproduce the original's evaluation,
+  parser included, for comparison with the paper's numbers. The summary always names the protocol.
+- **Resumable, keyed by content.** A 1,911-row evaluation of a 7B model takes hours on a Colab GPU that may
+  vanish. Lines are flushed after each batch; a rerun with the same ``--out`` reuses the lines of the same
+  label, settings and row content, and re-scores them against the current gold answer (``eval_cache``).
+  A rerun with other settings refuses to mix its lines with the old ones instead of silently reporting a
+  blend. The adapter enters the settings by its content (``adapters.adapter_content_hash``), not its path:
+  training again into the same run folder must not be answered with the old adapter's predictions.
 - **The base the adapter was trained on.** Without ``--model`` the base is the one the adapter's own
   ``adapter_config.json`` names, and the command says so. The base is loaded with the quantization the
   adapter was trained on (NF4 for a QLoRA run, read from the run's ``recipe.yaml``), since the adapter
@@ -32,28 +34,40 @@ Why it is built this way:
 - **The training's rollout engine** (``rollout.py``) decodes: the same sampling code as training, the
   towers once per row, no field of the checkpoint's ``generation_config`` read; greedy decoding is
   token-identical to transformers' ``generate`` (tests/test_rollout.py).
-- **K samples.** ``--samples K`` (with ``--sample``) draws K completions per row in the same decode batch; accuracy is reported as the mean over all samples with the spread (standard deviation) of the
-  per-sample-index accuracies. Sampling is seeded once before the loop; a resumed sampled run is a valid
+- **K samples.** ``--samples K`` (with sampled decoding) draws K completions per row in the same decode batch;
+  accuracy is reported as the mean over all samples with the spread (standard deviation) of the
+  per-sample-index accuracies. One sampled pass over 1,911 items has a standard error of about 0.8 points,
+  which the summary states. Sampling is seeded once before the loop; a resumed sampled run is a valid
   draw but not bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import statistics
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .adapters import adapter_base_model, adapter_content_hash, load_adapter, training_quantization
-from .answer_protocol import format_ok, parse_answer
+from .adapters import adapter_base_model, load_adapter, training_quantization
+from .answer_protocol import extract_choice, format_ok, original_gold, parse_answer
 from .data import DataError, Row, RowEncodeError, enforce_bad_fraction, scan_split
+from .eval_cache import adapter_hash, cached, read_done, rescored, row_key, settings_hash
+from .eval_protocols import (
+    PAPER_TEMPERATURE,
+    PAPER_TOP_P,
+    PROTOCOL_CHOICES,
+    Decoding,
+    EvalError,
+    get_protocol,
+    resolve_decoding,
+)
+from .eval_report import EvalResult, print_summary, score, summary_path
+from .flag_ranges import check_flags
 from .modeling import (
     ModelLoadError,
     default_device,
@@ -63,15 +77,14 @@ from .modeling import (
     torch_dtype,
 )
 from .progress import phase_progress
-from .prompting import encode_row
+from .prompting import encode_row, render_prompt
 from .rollout import RolloutEngine, SamplingParams
 from .thinker_forward import encode_prompts
 
-PAPER_TEMPERATURE, PAPER_TOP_P = 1.0, 0.95
-
-
-class EvalError(ValueError):
-    """Evaluation settings that cannot work together; the message says what to change."""
+# Kept importable from here: the cache's reader and the protocol constants moved to their own modules.
+_read_done = read_done
+__all__ = ["EvalConfig", "EvalError", "EvalResult", "PAPER_TEMPERATURE", "PAPER_TOP_P", "PROTOCOL_CHOICES",
+           "evaluate_rows", "load_eval_model", "load_model", "print_summary", "run_eval", "summary_path"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,10 +101,11 @@ class EvalConfig:
     adapter: str | None = None  # saved LoRA adapter folder, applied on `model`
     merged: str | None = None  # merged checkpoint folder, loaded instead of `model`
     data: str = "data/avqa/valid"  # split folder or its JSON list
-    out: str | None = None  # predictions JSONL; default <adapter or merged dir or ./eval>/predictions.jsonl
+    out: str | None = None  # predictions JSONL; default <adapter or merged dir or ./eval>/predictions[-PROTOCOL].jsonl
     batch_size: int = 8  # rows per generate call (each repeated `samples` times)
-    max_new_tokens: int = 768
-    do_sample: bool = False
+    max_new_tokens: int | None = None  # None: the protocol's (kit 768, the original's evaluation 1024)
+    protocol: str = "kit"  # "kit", "echoink-base" or "echoink-rl" (eval_protocols)
+    do_sample: bool = False  # the kit's protocol only: sample instead of greedy (echoink-rl always samples)
     temperature: float = PAPER_TEMPERATURE
     top_p: float = PAPER_TOP_P
     top_k: int = 50
@@ -110,6 +124,24 @@ class EvalConfig:
     cuda_graph: bool = True  # the rollout engine's CUDA-graph decode (falls back to eager by itself)
 
     def __post_init__(self) -> None:
+        protocol = get_protocol(self.protocol)
+        check_flags(batch_size=self.batch_size, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                    top_p=self.top_p, top_k=self.top_k, samples=self.samples, seed=self.seed, limit=self.limit,
+                    max_audio_seconds=self.max_audio_seconds, max_pixels=self.max_pixels,
+                    max_prompt_tokens=self.max_prompt_tokens, max_bad_fraction=self.max_bad_fraction)
+        if protocol.sampled is not None:  # the original's protocols fix decoding and parsing
+            fixed = []
+            if self.lenient:
+                fixed.append("--lenient (it parses with the original's extract_choice)")
+            if self.do_sample and not protocol.sampled:
+                fixed.append("--sample (it decodes greedily, as the original's base evaluation)")
+            if (self.temperature, self.top_p, self.top_k) != (PAPER_TEMPERATURE, PAPER_TOP_P, 50):
+                fixed.append("--temperature/--top-p/top_k (it samples as the original: temperature 1, top_p 0.95, "
+                             "top_k from the checkpoint's generation config)" if protocol.sampled else
+                             "--temperature/--top-p/top_k (it decodes greedily)")
+            if fixed:
+                raise EvalError(f"--protocol {self.protocol} fixes its decoding and parsing; drop " + "; ".join(fixed)
+                                + ". For other settings use --protocol kit.")
         if self.adapter and self.merged:
             raise EvalError(
                 "--adapter and --merged are alternatives: a merged checkpoint already contains the adapter. "
@@ -117,12 +149,9 @@ class EvalConfig:
             )
         if self.compare_base and not self.adapter:
             raise EvalError("--compare-base needs --adapter (the base is scored with that adapter switched off)")
-        if self.samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
-            raise EvalError("--samples, --batch-size and --max-new-tokens must be at least 1")
-        if self.samples > 1 and not self.do_sample:
-            raise EvalError(f"--samples {self.samples} needs --sample: greedy decoding gives {self.samples} identical completions")
-        if self.limit is not None and self.limit < 1:
-            raise EvalError(f"--limit must be at least 1, got {self.limit}")
+        if self.samples > 1 and not self.sampled:
+            raise EvalError(f"--samples {self.samples} needs sampled decoding (--sample, or --protocol echoink-rl): "
+                            f"greedy decoding gives {self.samples} identical completions")
         if self.dtype is not None and self.dtype not in ("bfloat16", "float16", "float32"):
             raise EvalError(f"--dtype must be bfloat16, float16 or float32, not {self.dtype!r}")
         if self.quantization not in QUANTIZATION_CHOICES:
@@ -130,7 +159,22 @@ class EvalConfig:
 
     @property
     def parse_rule(self) -> str:
-        return "lenient" if self.lenient else "strict"
+        rule = get_protocol(self.protocol).parse_rule
+        return "lenient" if self.lenient and rule == "strict" else rule
+
+    @property
+    def sampled(self) -> bool:
+        fixed = get_protocol(self.protocol).sampled
+        return self.do_sample if fixed is None else fixed
+
+    def decoding(self) -> Decoding:
+        """The resolved decoding (echoink-rl reads the evaluated checkpoint's generation_config.json)."""
+        protocol = get_protocol(self.protocol)
+        weights = None
+        if protocol.sampled:  # only the sampled protocol reads the checkpoint's generation config
+            weights = self.merged or self.resolved_model()[0]
+        return resolve_decoding(protocol, do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+                                top_k=self.top_k, max_new_tokens=self.max_new_tokens, weights=weights)
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device) if self.device else default_device()
@@ -143,7 +187,8 @@ class EvalConfig:
     def predictions_path(self) -> Path:
         if self.out:
             return Path(self.out)
-        return Path(self.adapter or self.merged or "eval") / "predictions.jsonl"
+        name = "predictions.jsonl" if self.protocol == "kit" else f"predictions-{self.protocol}.jsonl"
+        return Path(self.adapter or self.merged or "eval") / name
 
     def resolved_model(self) -> tuple[str | None, str]:
         """(base model, where it came from); see `resolve_base_model`."""
@@ -191,56 +236,6 @@ def resolve_quantization(choice: str, adapter: str | None):
     if not section.load_in_4bit:
         return None, f"none, as trained ({recipe_file})"
     return section, f"{section.quant_type}, as trained ({recipe_file})"
-
-
-def _quantization_label(section) -> str:
-    return "none" if section is None else f"{section.quant_type}:{section.model_dump_json()}"
-
-
-def _weights_id(name: str | None):
-    """A name for base or merged weights that changes when a local folder's weight files are rewritten
-    (path, and each weight file's size and modification time; hashing many GB would take minutes)."""
-    if name is None:
-        return None
-    p = Path(name).expanduser()
-    if not p.is_dir():
-        return name  # a Hub id
-    files = sorted(f for f in p.iterdir() if f.suffix == ".safetensors" or f.name == "config.json")
-    return [str(p.resolve()), [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]]
-
-
-def _source_id(path: str | None) -> str | None:
-    """A stable name for a data source: the resolved path if local, else as given."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    return str(p.resolve()) if p.exists() else path
-
-
-def adapter_hash(cfg: EvalConfig, label: str) -> str | None:
-    """Short content hash of the adapter a label's predictions come from (None for the base)."""
-    if label == "base" or not cfg.adapter:
-        return None
-    return adapter_content_hash(cfg.adapter)[:12]
-
-
-def settings_hash(cfg: EvalConfig, label: str) -> str:
-    """Short hash of everything that shapes a (row, sample) line; resumed lines must match it."""
-    model = cfg.model or (adapter_base_model(cfg.adapter) if cfg.adapter else None)
-    quantization, _description = cfg.base_quantization()
-    settings = {
-        "weights": _weights_id(cfg.merged or model),
-        "adapter": adapter_hash(cfg, label),
-        "data": _source_id(cfg.data),
-        "max_new_tokens": cfg.max_new_tokens,
-        "do_sample": cfg.do_sample,
-        "sampling": [cfg.temperature, cfg.top_p, cfg.top_k, cfg.seed] if cfg.do_sample else None,
-        "parse_rule": cfg.parse_rule,
-        "media": [cfg.max_audio_seconds, cfg.max_pixels],
-        "dtype": cfg.resolved_dtype(),
-        "quantization": _quantization_label(quantization),
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def split_name(data: str | Path) -> str:
@@ -304,77 +299,6 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvalResult:
-    label: str
-    n_rows: int  # rows with predictions (resumed + new)
-    n_samples: int  # (row, sample) predictions
-    accuracy: float | None  # mean over all samples; None when nothing could be evaluated
-    accuracy_per_sample: list[float]  # accuracy of sample index k over the rows, k = 0..K-1
-    accuracy_mean: float | None  # mean of accuracy_per_sample
-    accuracy_spread: float | None  # sample standard deviation of accuracy_per_sample (None when K = 1)
-    format_failure_rate: float | None
-    bad_rows: dict[str, int]  # reason -> rows
-    rows_per_second: float | None  # rows generated in this run / seconds; None when all were resumed
-    parse_rule: str
-    predictions_path: str
-    resumed_samples: int = 0
-    generated_samples: int = 0
-    bad_row_details: list[str] = field(default_factory=list)
-
-    @property
-    def n_bad_rows(self) -> int:
-        return sum(self.bad_rows.values())
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["n_bad_rows"] = self.n_bad_rows
-        return out
-
-
-def _read_done(path: Path, label: str, settings: str, adapter: str | None = None) -> dict[tuple[str, int], dict[str, Any]]:
-    """Lines already written for `label`, keyed by (problem_id as text, sample). Refuses other settings;
-    `adapter` (the adapter's short content hash) lets the refusal say when the adapter itself changed."""
-    from .jsonl import JsonlError, read_jsonl
-
-    done: dict[tuple[str, int], dict[str, Any]] = {}
-    if not path.is_file():
-        return done
-    mismatched = 0
-    other_adapter = None
-    try:  # a last line cut short by a crash is cut from the file (strict JSONL readers); that pair runs again
-        records, _ = read_jsonl(path, repair=True)
-    except JsonlError as err:
-        raise EvalError(str(err)) from None
-    for rec in records:
-        if not isinstance(rec, dict) or rec.get("label") != label:
-            continue
-        if rec.get("settings") != settings:
-            mismatched += 1
-            if adapter is not None and rec.get("adapter") not in (None, adapter):
-                other_adapter = rec["adapter"]
-            continue
-        done[(str(rec["problem_id"]), int(rec["sample"]))] = rec
-    if other_adapter is not None:
-        raise EvalError(
-            f"{path} holds {mismatched} '{label}' predictions of another adapter (content {other_adapter}; the adapter "
-            f"is now {adapter}): it was trained or changed since. They are not reused. Fix: pass another --out, or "
-            "delete the file to evaluate the new adapter there."
-        )
-    if mismatched:
-        raise EvalError(
-            f"{path} already holds {mismatched} '{label}' predictions made with other settings (model, adapter, "
-            "data, decoding, media caps, dtype or parse rule differ). Resuming would mix the two runs: "
-            "pass another --out, or delete the file to start over."
-        )
-    return done
-
-
 def _open_for_append(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     needs_newline = False
@@ -391,6 +315,21 @@ def _open_for_append(path: Path):
 def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _gold(row: Row, parse_rule: str) -> str:
+    """The gold letter a row is scored against: the original's GT_RE reading under its extract_choice rule
+    (where GT_RE finds no A-D tag, where the original would stop, the kit's reading), else the kit's."""
+    if parse_rule == "extract_choice":
+        gold = original_gold(row.solution)
+        return gold if gold is not None else row.answer
+    return row.answer
+
+
+def _parse(parse_rule: str, completion: str, reply: str | None, row: Row) -> str | None:
+    if parse_rule == "extract_choice":
+        return extract_choice(reply if reply is not None else completion)
+    return parse_answer(completion, row.letters, parse_rule == "lenient")
 
 
 def evaluate_rows(
@@ -416,59 +355,83 @@ def evaluate_rows(
 
     console = console or Console()
     path = Path(predictions_path)
-    settings = settings_hash(cfg, label)
+    protocol = get_protocol(cfg.protocol)
+    decoding = cfg.decoding()
+    parse_rule = cfg.parse_rule
+    settings = settings_hash(cfg, label, decoding)
     adapter = adapter_hash(cfg, label)
-    done = _read_done(path, label, settings, adapter)
+    done = read_done(path, label, settings, adapter)
     bad = Counter(bad_rows or {})
     details = list(bad_row_details or [])
     tokenizer = processor.tokenizer
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # The training rollout's engine (same sampling code, towers once per row, no checkpoint generation_config
-    # read); greedy unless cfg.do_sample.
+    # read: what `decoding` says is what is sampled).
     sampling = SamplingParams(
-        max_new_tokens=cfg.max_new_tokens, eos_id=eos_id, pad_id=pad_id, do_sample=cfg.do_sample,
-        temperature=cfg.temperature if cfg.do_sample else 1.0, top_k=cfg.top_k if cfg.do_sample else 0,
-        top_p=cfg.top_p if cfg.do_sample else 1.0, suppress_ids=tuple(multimodal_token_ids(tokenizer)),
+        max_new_tokens=decoding.max_new_tokens, eos_id=eos_id, pad_id=pad_id, do_sample=decoding.do_sample,
+        temperature=decoding.temperature, top_k=decoding.top_k, top_p=decoding.top_p,
+        repetition_penalty=decoding.repetition_penalty,
+        suppress_ids=tuple(multimodal_token_ids(tokenizer)) if decoding.suppress_markers else (),
     )
     engine = RolloutEngine(model, sampling, batch_size=cfg.batch_size * cfg.samples, cuda_graph=cfg.cuda_graph)
     device = _model_device(model)
     float_dtype = torch_dtype(cfg.resolved_dtype())
 
-    # Work items: (row, sample) pairs not yet in the file, row-major, so a batch of `batch_size` rows
+    # Work items: (row, sample) pairs without a reusable line, row-major, so a batch of `batch_size` rows
     # holds each row's K samples side by side (the same layout as collate(repeats=K)).
     records: dict[tuple[str, int], dict[str, Any]] = {}
-    pending_rows: list[tuple[Row, list[int]]] = []
+    row_of: dict[str, Row] = {}
+    pending_rows: list[tuple[Row, str | None, list[int]]] = []
+    rescore_lines: list[dict[str, Any]] = []
+    changed_rows = 0
     for row in rows:
+        key = row_key(row)
         missing = []
         for k in range(cfg.samples):
-            key = (str(row.problem_id), k)
-            if key in done:
-                records[key] = done[key]
-            else:
+            rec = cached(done, row.problem_id, k, key)
+            if rec is None:
                 missing.append(k)
+                continue
+            fixed = rescored(rec, _gold(row, parse_rule))
+            if fixed is not None:
+                rescore_lines.append(fixed)
+                rec = fixed
+            records[(str(row.problem_id), k)] = rec
+            row_of[str(row.problem_id)] = row
         if missing:
-            pending_rows.append((row, missing))
+            pending_rows.append((row, key, missing))
+            if any((str(row.problem_id), k) in done for k in missing):
+                changed_rows += 1
     resumed = len(records)
     if resumed:
         console.print(f"{label}: resuming, {resumed} predictions already in {escape(str(path))}", highlight=False)
+    if changed_rows:
+        console.print(f"{label}: {changed_rows} row(s) changed since their predictions were written (question, options "
+                      "or media): generated again", highlight=False)
+    if rescore_lines:
+        console.print(f"{label}: {len(rescore_lines)} prediction(s) re-scored against a changed gold answer", highlight=False)
 
-    if cfg.do_sample:
+    if decoding.do_sample:
         torch.manual_seed(cfg.seed)
     generated_rows = 0
     generated = 0
     seconds = 0.0
-    out_file = _open_for_append(path) if pending_rows else None
+    out_file = _open_for_append(path) if pending_rows or rescore_lines else None
     try:
+        for rec in rescore_lines:
+            out_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
         with phase_progress(f"eval {label}", total=len(pending_rows), console=console) as advance:
             for batch_rows in _chunks(pending_rows, cfg.batch_size):
                 start = time.perf_counter()
-                encoded, items, prompt_of = [], [], []  # items: (row, sample) per decoded sequence
-                for row, missing in batch_rows:
+                encoded, prompt_texts, items, prompt_of = [], [], [], []  # items: (row, key, sample) per sequence
+                for row, key, missing in batch_rows:
+                    question = protocol.prompt_text(row.problem, row.options)
                     try:
                         enc = encode_row(
                             processor, row, max_audio_seconds=cfg.max_audio_seconds, max_pixels=cfg.max_pixels,
-                            max_prompt_tokens=cfg.max_prompt_tokens,
+                            max_prompt_tokens=cfg.max_prompt_tokens, question_text=question,
+                            system=protocol.system_message,
                         )
                     except RowEncodeError as err:  # one bad row never ends an evaluation: skip, warn, count
                         bad[err.reason] += 1
@@ -477,27 +440,37 @@ def evaluate_rows(
                                       highlight=False, soft_wrap=True)
                         continue
                     encoded.append(enc)
+                    prompt_texts.append(render_prompt(processor, question, protocol.system_message))
                     for k in missing:
-                        items.append((row, k))
+                        items.append((row, key, k))
                         prompt_of.append(len(encoded) - 1)
                 if items:
                     prompts = encode_prompts(model, encoded, device, float_dtype)
                     result = engine.generate_rows(prompts, prompt_of)
                     for note in result.notices:
                         console.print(f"[yellow]{escape(note)}[/]", highlight=False)
-                    texts = [tokenizer.decode(c.tolist(), skip_special_tokens=True) for c in result.completions]
-                    for (row, k), text in zip(items, texts):
-                        parsed = parse_answer(text, row.letters, cfg.lenient)
+                    for (row, key, k), ids, p in zip(items, result.completions, prompt_of):
+                        text = tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+                        reply = None
+                        if parse_rule == "extract_choice":  # what the original parses: prompt and reply, decoded
+                            full = torch.cat([encoded[p].input_ids, ids.to(encoded[p].input_ids.dtype)])
+                            reply = processor.batch_decode(full[None], skip_special_tokens=True)[0]
+                        parsed = _parse(parse_rule, text, reply, row)
+                        gold = _gold(row, parse_rule)
                         rec = {
                             "problem_id": row.problem_id, "sample": k, "label": label, "completion": text,
-                            "parsed": parsed, "gold": row.answer, "correct": parsed == row.answer,
-                            "format_ok": format_ok(text), "settings": settings, "adapter": adapter,
+                            "parsed": parsed, "gold": gold, "correct": parsed == gold,
+                            "format_ok": format_ok(text), "protocol": cfg.protocol, "prompt": prompt_texts[p],
+                            **({"reply": reply} if reply is not None else {}),
+                            "task_type": row.task_type, "audio_type": row.audio_type,
+                            "row_key": key, "settings": settings, "adapter": adapter,
                         }
                         out_file.write(json.dumps(rec, ensure_ascii=False) + "\n")
                         records[(str(row.problem_id), k)] = rec
+                        row_of[str(row.problem_id)] = row
                     out_file.flush()
                     generated += len(items)
-                    generated_rows += len({str(row.problem_id) for row, _ in items})
+                    generated_rows += len({str(row.problem_id) for row, _, _ in items})
                 seconds += time.perf_counter() - start
                 advance(len(batch_rows))
     finally:
@@ -505,78 +478,26 @@ def evaluate_rows(
             out_file.close()
 
     # Metrics over every row of this evaluation with predictions (resumed and new).
-    per_sample: list[list[bool]] = [[] for _ in range(cfg.samples)]
-    formats: list[bool] = []
-    evaluated_rows = set()
-    for (pid, k), rec in records.items():
-        per_sample[k].append(bool(rec["correct"]))
-        formats.append(bool(rec["format_ok"]))
-        evaluated_rows.add(pid)
-    n_samples = len(formats)
-    accuracy = sum(sum(s) for s in per_sample) / n_samples if n_samples else None
-    acc_per_k = [sum(s) / len(s) for s in per_sample if s]
-    spread = statistics.stdev(acc_per_k) if len(acc_per_k) > 1 else None
     return EvalResult(
         label=label,
-        n_rows=len(evaluated_rows),
-        n_samples=n_samples,
-        accuracy=accuracy,
-        accuracy_per_sample=acc_per_k,
-        accuracy_mean=statistics.fmean(acc_per_k) if acc_per_k else None,
-        accuracy_spread=spread,
-        format_failure_rate=(1 - sum(formats) / n_samples) if n_samples else None,
+        **score(records, row_of, cfg.samples, decoding.do_sample),
         bad_rows=dict(bad),
         rows_per_second=(generated_rows / seconds) if generated_rows and seconds > 0 else None,
-        parse_rule=cfg.parse_rule,
+        parse_rule=parse_rule,
         predictions_path=str(path),
         resumed_samples=resumed,
         generated_samples=generated,
         bad_row_details=details,
+        protocol=cfg.protocol,
+        decoding=decoding.describe(),
+        rescored_samples=len(rescore_lines),
+        changed_rows=changed_rows,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # A whole evaluation
 # --------------------------------------------------------------------------------------------
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}%"
-
-
-def print_summary(results: list[EvalResult], console, difference_pp: float | None = None) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(title="evaluation")
-    for name, justify in (("label", "left"), ("rows", "right"), ("accuracy", "right"), ("format failures", "right"),
-                          ("bad rows", "right"), ("rows/s", "right"), ("parse rule", "left")):
-        table.add_column(name, justify=justify)
-    for r in results:
-        acc = _pct(r.accuracy)
-        if r.accuracy_spread is not None:
-            acc += f" ± {100 * r.accuracy_spread:.2f} pp (K={len(r.accuracy_per_sample)})"
-        bad = str(r.n_bad_rows)
-        if r.bad_rows:
-            bad += " (" + ", ".join(f"{k}: {v}" for k, v in r.bad_rows.items()) + ")"
-        rate = "-" if r.rows_per_second is None else f"{r.rows_per_second:.2f}"
-        table.add_row(r.label, str(r.n_rows), acc, _pct(r.format_failure_rate), bad, rate, r.parse_rule)
-    console.print(table)
-    if difference_pp is not None:
-        console.print(f"adapter - base: {difference_pp:+.2f} percentage points", highlight=False)
-    shown = 5
-    details = results[0].bad_row_details if results else []
-    for line in details[:shown]:
-        console.print(f"[red]bad row[/] {escape(line)}", highlight=False)
-    if len(details) > shown:
-        console.print(f"... and {len(details) - shown} more bad rows; run `echoink-lite data check` to list them")
-    if results:
-        console.print(f"predictions: {escape(results[0].predictions_path)}", highlight=False)
-
-
-def summary_path(predictions_path: str | Path) -> Path:
-    p = Path(predictions_path)
-    return p.with_name(p.stem + ".summary.json")
 
 
 def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
@@ -600,9 +521,12 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
         console.print(f"base model: {base_model} (from {base_source}; --model overrides)", highlight=False)
     label = "adapter" if cfg.adapter else "merged" if cfg.merged else "base"
     labels = ["base", label] if cfg.compare_base else [label]
+    protocol, decoding = get_protocol(cfg.protocol), cfg.decoding()
     for name in labels:  # refuse a predictions file from other settings before loading the model
-        _read_done(path, name, settings_hash(cfg, name), adapter_hash(cfg, name))
+        read_done(path, name, settings_hash(cfg, name, decoding), adapter_hash(cfg, name))
     model, processor = load_eval_model(cfg)
+    console.print(f"protocol {protocol.name}: {protocol.description}", highlight=False, soft_wrap=True)
+    console.print(f"decoding: {decoding.describe()} ({decoding.source})", highlight=False, soft_wrap=True)
     results: list[EvalResult] = []
     kw = dict(bad_rows=scan_bad, bad_row_details=scan_details)
     if cfg.compare_base:
@@ -616,16 +540,23 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
     print_summary(results, console, difference_pp)
     if not cfg.merged:
         console.print(f"base: {base_model}, quantization {quantization}", highlight=False)
+    if protocol.differences:
+        console.print(f"still differs from the original's evaluation: {len(protocol.differences)} points, listed in the "
+                      "summary JSON (protocol.differences) and docs/reproduction.md", highlight=False)
 
     config = asdict(cfg)
-    config.update(dtype=cfg.resolved_dtype(), out=str(path), model=base_model)
+    config.update(dtype=cfg.resolved_dtype(), out=str(path), model=base_model, max_new_tokens=decoding.max_new_tokens)
     summary = {
         "data": str(scan.source_file),
         "split": split_name(cfg.data),
+        "evaluated_model": cfg.merged or base_model,
         "base_model": base_model,
         "base_quantization": None if cfg.merged else quantization,
         "rows_in_split": scan.total,
         "rows_evaluated": len(rows),
+        "protocol": {"name": protocol.name, "description": protocol.description, "decoding": decoding.describe(),
+                     "decoding_source": decoding.source, "system_message": protocol.system_message,
+                     "parse_rule": cfg.parse_rule, "differences": list(protocol.differences)},
         "parse_rule": cfg.parse_rule,
         "predictions_path": str(path),
         "results": [r.to_dict() for r in results],
@@ -637,7 +568,3 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
     summary_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return summary
 
-
-# --------------------------------------------------------------------------------------------
-# Command line (wired into `echoink-lite eval` by cli.py)
-# --------------------------------------------------------------------------------------------

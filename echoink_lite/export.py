@@ -57,6 +57,9 @@ def _eval_lines(summary: dict[str, Any]) -> list[str]:
 
     split = summary.get("split") or (split_name(summary["data"]) if summary.get("data") else None)
     extra = [f"split: `{split}`"] if split else []  # the split's name: a local path means nothing to readers
+    protocol = summary.get("protocol") if isinstance(summary.get("protocol"), dict) else {}
+    if protocol.get("name"):  # which evaluation produced the number (eval --protocol)
+        extra.append(f"protocol: `{protocol['name']}` ({protocol.get('decoding', '')})")
     extra += [f"{k}: `{summary[k]}`" for k in ("rows_evaluated", "parse_rule", "base_quantization") if summary.get(k) is not None]
     if extra:
         lines.append("\n" + "; ".join(extra))

@@ -31,6 +31,7 @@ from .evaluate import (
     resolve_base_model,
     resolve_quantization,
 )
+from .flag_ranges import check_flags
 from .modeling import ModelLoadError, default_device, multimodal_token_ids
 from .prompting import collate, completion_mask, decode_completions, encode_text_prompt, generation_kwargs, to_device
 
@@ -107,6 +108,7 @@ def infer(
     """
     from transformers import TextStreamer
 
+    check_flags(max_new_tokens=max_new_tokens)
     audio, image = _load_media(audio_path, image_path, max_audio_seconds, max_pixels)
     opts = _normalise_options(options) if options else None
     text = build_prompt_text(question, opts) if opts else question
@@ -162,6 +164,7 @@ def run_infer(audio, image, question: str, *, model: str | None = None, adapter:
     from rich.markup import escape
 
     console = console or Console()
+    check_flags(max_new_tokens=max_new_tokens)  # before minutes of model loading
     if adapter and merged:
         raise EvalError("--adapter and --merged are alternatives: pass one of them")
     for kind, path in (("audio", audio), ("image", image)):  # before minutes of model loading

@@ -30,12 +30,17 @@ class PromptTooLongError(RowEncodeError):
     and the knobs."""
 
 
-def build_messages(question_text: str) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": question_text}]}]
+def build_messages(question_text: str, system: str | None = None) -> list[dict[str, Any]]:
+    """User turn = [image, audio, text]. `system`: an explicit system turn, built as the original's evaluation
+    builds it for the base model (`{"role": "system", "content": [{"type": "text", "text": ...}]}`)."""
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "audio"}, {"type": "text", "text": question_text}]}
+    if system is None:
+        return [user]
+    return [{"role": "system", "content": [{"type": "text", "text": system}]}, user]
 
 
-def render_prompt(processor, question_text: str) -> str:
-    return processor.apply_chat_template(build_messages(question_text), add_generation_prompt=True, tokenize=False)
+def render_prompt(processor, question_text: str, system: str | None = None) -> str:
+    return processor.apply_chat_template(build_messages(question_text, system), add_generation_prompt=True, tokenize=False)
 
 
 @dataclass
@@ -54,8 +59,9 @@ class Encoded:
         return int(self.input_ids.shape[0])
 
 
-def encode_example(processor, example: Example, max_prompt_tokens: int | None = None, question_text: str | None = None) -> Encoded:
-    text = render_prompt(processor, question_text if question_text is not None else example.row.prompt_text)
+def encode_example(processor, example: Example, max_prompt_tokens: int | None = None, question_text: str | None = None,
+                   system: str | None = None) -> Encoded:
+    text = render_prompt(processor, question_text if question_text is not None else example.row.prompt_text, system)
     out = processor(text=[text], images=[example.image], audio=[example.audio], return_tensors="pt", padding=False)
     enc = Encoded(
         input_ids=out["input_ids"][0],
@@ -80,9 +86,11 @@ def encode_example(processor, example: Example, max_prompt_tokens: int | None = 
 
 
 def encode_row(
-    processor, row: Row, *, max_audio_seconds: float, max_pixels: int, max_prompt_tokens: int | None = None
+    processor, row: Row, *, max_audio_seconds: float, max_pixels: int, max_prompt_tokens: int | None = None,
+    question_text: str | None = None, system: str | None = None,
 ) -> Encoded:
     """Load a row's media and encode its prompt for the thinker, exactly as training and evaluation use it.
+    `question_text` / `system` replace the training prompt's text and add a system turn (evaluation protocols).
 
     Raises ``RowEncodeError`` (and only that) when the row cannot be used; ``err.reason`` is one of
     ``data.REASONS`` for media (a ``MediaError``), ``prompt_too_long`` (a ``PromptTooLongError``) or
@@ -91,7 +99,8 @@ def encode_row(
     """
     example = load_example(row, max_audio_seconds=max_audio_seconds, max_pixels=max_pixels)
     try:
-        return encode_example(processor, example, max_prompt_tokens=max_prompt_tokens)
+        return encode_example(processor, example, max_prompt_tokens=max_prompt_tokens, question_text=question_text,
+                              system=system)
     except RowEncodeError:
         raise
     except Exception as err:  # the processor raises ValueError, RuntimeError, IndexError, ... on odd inputs

@@ -49,6 +49,10 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1.0 = off
     suppress_ids: tuple[int, ...] = ()
+    # 1.0 = off. Otherwise transformers' RepetitionPenaltyLogitsProcessor: every token already in the row (its
+    # prompt included) gets logit / penalty if positive, logit * penalty if not, before temperature. Used by the
+    # evaluation protocol that takes it from a checkpoint's generation config; training never sets it.
+    repetition_penalty: float = 1.0
 
 
 @dataclass
@@ -91,9 +95,14 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.zeros_like(logits).scatter(-1, idx, vals.softmax(-1))
 
 
-def sample_next(logits: torch.Tensor, p: SamplingParams, suppress: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token [B], log-prob [B]) from fp32 logits [B, V]. Modifies `logits` in place (suppression)."""
+def sample_next(logits: torch.Tensor, p: SamplingParams, suppress: torch.Tensor | None,
+                seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token [B], log-prob [B]) from fp32 logits [B, V]. Modifies `logits` in place (repetition penalty,
+    suppression). `seen` [B, V] bool: the tokens of each row so far, for `p.repetition_penalty`."""
     logp_all = torch.log_softmax(logits / p.temperature if p.temperature != 1.0 else logits, dim=-1)
+    if seen is not None:
+        penalized = torch.where(logits < 0, logits * p.repetition_penalty, logits / p.repetition_penalty)
+        logits.copy_(torch.where(seen, penalized, logits))
     if suppress is not None:
         logits.index_fill_(1, suppress, float("-inf"))
     if p.do_sample:
@@ -136,6 +145,7 @@ class _Decode:
     out_tokens: torch.Tensor  # [B, max_new]
     out_logps: torch.Tensor  # [B, max_new]
     logits: torch.Tensor  # [B, V] last step's logits (for the graph check)
+    seen: torch.Tensor | None = None  # [B, V] bool: tokens of each row so far (only with a repetition penalty)
 
 
 class RolloutEngine:
@@ -211,12 +221,21 @@ class RolloutEngine:
             del cap, h
 
         suppress = torch.tensor(p.suppress_ids, dtype=torch.long, device=device) if p.suppress_ids else None
-        token, logp = sample_next(first_logits, p, suppress)
+        seen = None
+        if p.repetition_penalty != 1.0:
+            seen = torch.zeros(B, first_logits.shape[1], dtype=torch.bool, device=device)
+            for r, i in enumerate(rows):
+                if prompts[i].input_ids is None:
+                    raise ValueError("a repetition penalty needs each prompt's input_ids (PromptInputs.input_ids)")
+                seen[r, prompts[i].input_ids.to(device)] = True
+        token, logp = sample_next(first_logits, p, suppress, seen)
+        if seen is not None:
+            seen.scatter_(1, token.unsqueeze(1), True)
         st = _Decode(
             cache=cache, mask=mask, tokens=token, positions=positions,
             step=torch.ones(1, dtype=torch.long, device=device), finished=token == p.eos_id,
             out_tokens=torch.full((B, max_new), p.pad_id, dtype=torch.long, device=device),
-            out_logps=torch.zeros(B, max_new, dtype=torch.float32, device=device), logits=first_logits,
+            out_logps=torch.zeros(B, max_new, dtype=torch.float32, device=device), logits=first_logits, seen=seen,
         )
         st.out_tokens[:, 0], st.out_logps[:, 0] = token, logp
         cache.slot.fill_(width)
@@ -250,8 +269,10 @@ class RolloutEngine:
         hidden = run_layers(lm, hidden, pe, st.mask, st.cache)
         logits = lm_head(hidden[:, -1]).float()
         st.logits.copy_(logits)
-        token, logp = sample_next(logits, p, suppress)
+        token, logp = sample_next(logits, p, suppress, st.seen)
         token = torch.where(st.finished, p.pad_id, token)
+        if st.seen is not None:
+            st.seen.scatter_(1, token.unsqueeze(1), True)
         st.out_tokens.index_copy_(1, st.step, token.unsqueeze(1))
         st.out_logps.index_copy_(1, st.step, logp.unsqueeze(1))
         st.finished |= token == p.eos_id
@@ -277,7 +298,7 @@ class RolloutEngine:
                 step()
         torch.cuda.current_stream().wait_stream(side)
         done = warmup
-        state = (st.tokens, st.positions, st.step, st.finished, st.cache.slot)
+        state = (st.tokens, st.positions, st.step, st.finished, st.cache.slot) + ((st.seen,) if st.seen is not None else ())
         saved = None
         try:
             graph = torch.cuda.CUDAGraph()

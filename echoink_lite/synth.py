@@ -28,6 +28,10 @@ from PIL import Image
 SYNTH_QUESTION = "What colour is the picture and is the sound low or high?"
 SYNTH_OPTIONS = ("A. red low", "B. red high", "C. blue low", "D. blue high")
 SYNTH_DATA_SOURCE = "echoink-lite-synth"
+# AVQA-R1-6K rows carry a question category (task_type) and a sound category (audio_type), which the
+# evaluation breaks accuracy down by; the synthetic rows carry both so that path is exercised: one kind of
+# question, and the sound's pitch as its category.
+SYNTH_TASK_TYPE = "colour and pitch"
 
 # letter -> (colour, pitch), read off the option text so the two cannot disagree.
 SYNTH_CLASSES = {option[0]: tuple(option[3:].split()) for option in SYNTH_OPTIONS}
@@ -103,6 +107,8 @@ def write_synthetic_split(
                 "solution": f"<answer>{letter}</answer>",
                 "path": {"image": image_rel, "audio": audio_rel},
                 "data_source": SYNTH_DATA_SOURCE,
+                "task_type": SYNTH_TASK_TYPE,
+                "audio_type": f"{pitch} tone",
             }
         )
     # The list file goes last: an interrupted run never leaves a JSON pointing at missing media.

@@ -49,6 +49,7 @@ class PromptInputs:
     embeds: torch.Tensor  # [L, hidden] input embeddings with audio and image features scattered in
     positions: torch.Tensor  # [3, L] multimodal rope positions (temporal, height, width)
     next_position: int  # rope position of the first completion token (text positions continue from here)
+    input_ids: torch.Tensor | None = None  # [L] the prompt's token ids (for a repetition penalty)
 
     @property
     def length(self) -> int:
@@ -82,7 +83,7 @@ def encode_prompts(model, encoded: list[Encoded], device, float_dtype) -> list[P
         embeds = embeds.masked_scatter(image_mask, image)
         positions, _ = inner.get_rope_index(ids, grid[None], None, torch.ones_like(ids), False, fm.sum()[None], None)
         positions = positions[:, 0]  # [3, L]
-        out.append(PromptInputs(embeds[0], positions, int(positions.max()) + 1))
+        out.append(PromptInputs(embeds[0], positions, int(positions.max()) + 1, e.input_ids))
     if start != audio.shape[0]:
         raise ValueError(f"audio features for {audio.shape[0]} tokens but {start} audio placeholders in the prompts")
     return out

@@ -268,7 +268,7 @@ def test_config_errors_are_clear(tmp_path):
         EvalConfig(adapter="a", merged="m")
     with pytest.raises(EvalError, match="--compare-base needs --adapter"):
         EvalConfig(compare_base=True)
-    with pytest.raises(EvalError, match="needs --sample"):
+    with pytest.raises(EvalError, match=r"needs sampled decoding \(--sample, or --protocol echoink-rl\)"):
         EvalConfig(samples=4)
     assert EvalConfig(adapter=str(tmp_path)).predictions_path() == tmp_path / "predictions.jsonl"
     assert EvalConfig().predictions_path() == Path("eval") / "predictions.jsonl"

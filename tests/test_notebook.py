@@ -57,7 +57,8 @@ def test_notebook_structure():
         assert marker in joined, marker
     code = "\n".join(_source(c) for c in nb.cells if c.cell_type == "code" and "gpu-only" not in _tags(c))
     for call in ('train(recipe, resume="auto")', "run_eval(", "merge_adapter(", "infer(", "load_model(",
-                 "max_memory_allocated"):
+                 "max_memory_allocated", 'protocol="echoink-base"', 'protocol="echoink-rl"', 'protocol="kit"',
+                 '"harryhsing/EchoInk-R1-7B"', '"Qwen/Qwen2.5-Omni-7B"', "side_by_side("):
         assert call in code, call
     # the install cell comes before any cell that imports the package
     first_import = next(i for i, c in enumerate(nb.cells) if "from echoink_lite" in _source(c))
@@ -111,7 +112,16 @@ def test_notebook_runs_tiny_on_cpu(tmp_path, venv_kernel):
     assert (work / "run" / "metrics.jsonl").is_file()
     assert len((work / "run" / "metrics.jsonl").read_text().splitlines()) == 2
     summary = json.loads((work / "run" / "eval" / "predictions.summary.json").read_text())
-    assert summary["rows_evaluated"] == 8 and len(summary["results"]) == 2
+    assert summary["rows_evaluated"] == 8 and len(summary["results"]) == 1 and summary["protocol"]["name"] == "kit"
+    # The three numbers after training, and the released-weights check (a tiny full Omni checkpoint stands in).
+    for name, protocol, label in (("eval/base-echoink-base", "echoink-base", "base"),
+                                  ("eval/trained-echoink-rl", "echoink-rl", "adapter"),
+                                  ("released-check/echoink-rl", "echoink-rl", "base"),
+                                  ("released-check/echoink-base", "echoink-base", "base")):
+        other = json.loads((work / "run" / f"{name}.summary.json").read_text())
+        assert other["protocol"]["name"] == protocol and other["results"][0]["label"] == label, name
+        assert other["rows_evaluated"] == 8 and set(other["results"][0]["breakdowns"]) == {"task_type", "audio_type"}
+    assert outputs.count("evaluations side by side") == 2
     assert (work / "merged" / "config.json").is_file()
     assert "gold:" in outputs and "| model:" in outputs
     assert "GPU memory statistics are skipped" in outputs

@@ -16,6 +16,7 @@ from rich.console import Console
 from echoink_lite.answer_protocol import extract_answer
 from echoink_lite.data import load_audio, load_image, scan_split
 from echoink_lite.synth import (
+    SYNTH_CLASSES,
     SYNTH_OPTIONS,
     SYNTH_QUESTION,
     synth_command,
@@ -59,6 +60,8 @@ def test_layout_is_exactly_avqa(synth_root):
                 "solution",
                 "path",
                 "data_source",
+                "task_type",
+                "audio_type",
             ]
             assert entry["problem_id"] == i
             assert entry["problem"] == SYNTH_QUESTION == "What colour is the picture and is the sound low or high?"
@@ -68,6 +71,8 @@ def test_layout_is_exactly_avqa(synth_root):
             assert entry["solution"] in {f"<answer>{x}</answer>" for x in "ABCD"}
             assert entry["path"] == {"image": f"images/sample_{i}.png", "audio": f"audios/sample_{i}.wav"}
             assert entry["data_source"] == "echoink-lite-synth"
+            assert entry["task_type"] == "colour and pitch"
+            assert entry["audio_type"] == f"{SYNTH_CLASSES[entry['solution'][8]][1]} tone"  # the tone's pitch
 
 
 def test_media_formats(synth_root):

@@ -1,0 +1,72 @@
+"""The ranges of `eval` and `infer`'s numeric flags: the recipe's own validators, not a second copy of them.
+
+A flag that means the same as a recipe key accepts exactly what that key accepts: `--temperature` is
+`generation.temperature` (> 0, finite), `--top-p` is `generation.top_p` (0 < p <= 1), `--max-new-tokens` is
+`generation.max_completion_tokens` (>= 1), and so on (`FLAGS`). The value is assigned to a recipe section
+with pydantic's assignment validation on, so a change of a range in `recipe.py` changes the flag's range
+too. Without this, `eval --sample --temperature 0` divided the logits by zero (NaN probabilities),
+`--top-p -1` decoded greedily while the summary said "sampled", and `infer --max-new-tokens 0` ended in a
+traceback.
+"""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from .eval_protocols import EvalError
+
+# parameter name -> (flag as the user typed it, recipe section, section key, field)
+FLAGS: dict[str, tuple[str, str, str]] = {
+    "max_new_tokens": ("--max-new-tokens", "generation", "max_completion_tokens"),
+    "temperature": ("--temperature", "generation", "temperature"),
+    "top_p": ("--top-p", "generation", "top_p"),
+    "top_k": ("top_k", "generation", "top_k"),
+    "max_prompt_tokens": ("max_prompt_tokens", "generation", "max_prompt_tokens"),
+    "max_audio_seconds": ("--max-audio-seconds", "data", "max_audio_seconds"),
+    "max_pixels": ("--max-pixels", "data", "max_pixels"),
+    "limit": ("--limit", "data", "limit_valid_rows"),
+    "max_bad_fraction": ("max_bad_fraction", "data", "max_bad_fraction"),
+    # rows x samples are decoded together, as grpo.rollout_batch_size completions are in training
+    "batch_size": ("--batch-size", "grpo", "rollout_batch_size"),
+}
+
+# torch.manual_seed takes a 64-bit value (signed or unsigned); the recipe's schedule.seed has no bound.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+class FlagRangeError(EvalError):
+    """A numeric flag outside its range; the message names the flag, the range and the recipe key."""
+
+
+def check_flag(name: str, value) -> None:
+    """Raise FlagRangeError (one line) when `value` is outside the range of parameter `name` (a key of FLAGS)."""
+    from . import recipe
+
+    flag, section_key, field = FLAGS[name]
+    section_class = type(recipe.Recipe.model_fields[section_key].default_factory())
+    section = section_class.model_construct()
+    try:
+        setattr(section, field, value)  # the sections validate assignments (ConfigDict(validate_assignment=True))
+    except ValidationError as err:
+        reason = err.errors()[0]["msg"]
+        raise FlagRangeError(
+            f"{flag} {value!r}: {reason[:1].lower() + reason[1:]} (the range of the recipe's {section_key}.{field}). "
+            f"Fix: pass {flag} within that range."
+        ) from None
+
+
+def check_flags(**values) -> None:
+    """check_flag for each given parameter; None means "not given" and is skipped."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "seed":
+            if isinstance(value, bool) or not isinstance(value, int) or not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+                raise FlagRangeError(f"--seed {value!r}: expected an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} "
+                                     "(torch.manual_seed's range). Fix: pass a smaller --seed.")
+            continue
+        if name == "samples":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FlagRangeError(f"--samples {value!r}: expected an integer of at least 1. Fix: pass --samples 1 or more.")
+            continue
+        check_flag(name, value)
