@@ -136,7 +136,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     derived = recipe.derived(len(rows), world_size=dst.world)
     total_steps = derived["total_steps"]
     fingerprint = rows_fingerprint(rows)
-    resume_from, state = ckpt.resume_point(run_dir, resume, recipe, fingerprint, dst.world, warn=note)
+    resume_from, state = ckpt.resume_point(run_dir, resume, recipe, fingerprint, dst.world, warn=note, rank=dst.rank)
     start_step = state.get("step", 0)
     schedule = _saved_schedule(state, recipe) or data_schedule(len(rows), recipe.grpo.prompts_per_step, total_steps,
                                                                 recipe.schedule.seed)
