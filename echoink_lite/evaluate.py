@@ -65,6 +65,7 @@ from .modeling import (
 from .progress import phase_progress
 from .prompting import encode_row
 from .rollout import RolloutEngine, SamplingParams
+from .safe_output import EVAL_SUMMARY, PREDICTIONS, check_output_file, write_json_output
 from .thinker_forward import encode_prompts
 
 PAPER_TEMPERATURE, PAPER_TOP_P = 1.0, 0.95
@@ -376,6 +377,7 @@ def _read_done(path: Path, label: str, settings: str, adapter: str | None = None
 
 
 def _open_for_append(path: Path):
+    check_output_file(path, PREDICTIONS, "--out")  # only a predictions file of its own is appended to
     path.parent.mkdir(parents=True, exist_ok=True)
     needs_newline = False
     if path.is_file() and path.stat().st_size > 0:
@@ -600,6 +602,7 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
         console.print(f"base model: {base_model} (from {base_source}; --model overrides)", highlight=False)
     label = "adapter" if cfg.adapter else "merged" if cfg.merged else "base"
     labels = ["base", label] if cfg.compare_base else [label]
+    check_eval_outputs(path)
     for name in labels:  # refuse a predictions file from other settings before loading the model
         _read_done(path, name, settings_hash(cfg, name), adapter_hash(cfg, name))
     model, processor = load_eval_model(cfg)
@@ -632,10 +635,15 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
         "difference_pp": difference_pp,
         "config": config,
     }
-    summary_file = summary_path(path)
-    summary_file.parent.mkdir(parents=True, exist_ok=True)
-    summary_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_output(summary_path(path), summary, EVAL_SUMMARY, "eval summary (beside --out)", ensure_ascii=False)
     return summary
+
+
+def check_eval_outputs(path: Path) -> None:
+    """Refuse (OutputError, one line) an --out, or the summary file beside it, that is not eval's own output:
+    a training log, a dataset file, a file of the user's. Before the model is loaded; writes nothing."""
+    check_output_file(path, PREDICTIONS, "--out")
+    check_output_file(summary_path(path), EVAL_SUMMARY, "eval summary (beside --out)")
 
 
 # --------------------------------------------------------------------------------------------

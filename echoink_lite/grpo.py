@@ -224,6 +224,8 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
             console.print(f"curves: {plot_run(run_dir)}")
         except FileNotFoundError:
             pass
+        except ValueError as err:  # a refused curves.png or a bad metrics value: the adapter is saved regardless
+            console.print(f"warning: curves not drawn: {err}", style="yellow", markup=False, highlight=False)
         console.print(f"[bold green]done[/]: {step} steps, adapter in {adapter_dir}")
     return TrainResult(run_dir, step, adapter_dir, last_metrics, run.counters["skipped_rows"], run.model)
 
