@@ -154,10 +154,11 @@ def _free_name(path: Path) -> Path:
 
 
 def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step: int | None = None,
-                    recipe_text: str | None = None, note: Note | None = None) -> Path | None:
+                    recipe_text: str | None = None, note: Note | None = None, lock=None) -> Path | None:
     """The run's first writes, once every check has passed (the main process only).
 
-    With `overwrite`, an earlier run is renamed to `<run_dir>.old-<time>` (returned). When resuming at
+    With `overwrite`, an earlier run is renamed to `<run_dir>.old-<time>` (returned); the run's lock
+    (`run_folder.RunLock`, which was inside it) moves to the new folder. When resuming at
     `resume_step`, complete checkpoints of later steps (damaged ones skipped by the resume, or a timeline
     left by resuming an older checkpoint) are moved to `checkpoints/set-aside-<time>/`, so that pruning and a
     later `--resume auto` cannot prefer them. Then the folder is created and `recipe_text` saved as recipe.yaml.
@@ -176,6 +177,8 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step:
             note(f"moved the earlier run in {run_dir} aside to {moved}")
         writing = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        if moved is not None and lock is not None:
+            lock.relocate(moved)
         newer = [p for s, p in complete_checkpoints(run_dir) if resume_step is not None and s > resume_step]
         if newer:
             writing = aside = _free_name(checkpoint_dir(run_dir) / f"set-aside-{stamp}")
@@ -185,8 +188,10 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step:
             note(f"moved {len(newer)} checkpoint(s) newer than step {resume_step} ({', '.join(p.name for p in newer)}) "
                  f"aside to {aside}: this run continues from step {resume_step}")
         if recipe_text is not None:
+            from .run_folder import RUN_RECIPE_HEADER
+
             writing = run_dir / "recipe.yaml"
-            _write_text_atomic(writing, recipe_text)
+            _write_text_atomic(writing, RUN_RECIPE_HEADER + recipe_text)
         else:  # make sure the folder takes files before anything runs
             writing = run_dir / f".write-test-{os.getpid()}"
             writing.write_bytes(b"")

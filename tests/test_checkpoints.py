@@ -23,6 +23,7 @@ from echoink_lite.cli import main
 from echoink_lite.evaluate import EvalError, _read_done
 from echoink_lite.grpo import train
 from echoink_lite.metrics import MetricsWriter, read_metrics
+from echoink_lite.run_folder import RUN_RECIPE_HEADER
 from test_grpo import tiny_recipe
 
 ADAPTER = "adapter/adapter_model.safetensors"
@@ -93,7 +94,8 @@ def test_run_folder_checks_in_isolation(tmp_path):
     moved = ckpt.prepare_run_dir(run, resuming=False, overwrite=True, recipe_text="y: 2\n", note=notes.append)
     assert moved.name.startswith("run.old-") and (moved / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert str(moved) in notes[0]
-    assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"] and (run / "recipe.yaml").read_text() == "y: 2\n"
+    assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"]
+    assert (run / "recipe.yaml").read_text() == RUN_RECIPE_HEADER + "y: 2\n"
 
 
 def test_an_unwritable_output_dir_is_one_line_naming_it(tiny_model_dir, synth_dir, tmp_path, capsys):
