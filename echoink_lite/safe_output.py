@@ -200,7 +200,8 @@ def check_output_file(path: str | Path, kind: FileKind, flag: str) -> Path:
         raise OutputError(f"cannot write {flag} {path}: it is a folder; pass a file path, e.g. {path / kind.example}")
     reason = protected_reason(path)
     if reason:
-        raise OutputError(f"{flag} {path} is {reason}; echoink-lite never writes over it. {fix}.")
+        raise OutputError(f"{flag} {path} is {reason}; echoink-lite never writes over it. Fix: pass another path, "
+                          f"outside the data and run folders, e.g. {kind.example}.")
     if path.is_symlink():
         raise OutputError(f"{flag} {path} is a symbolic link; it is not replaced. {fix}, or the file it points to.")
     if path.exists():
@@ -305,6 +306,7 @@ def check_output_folder(path: str | Path, kind: str, flag: str, foreign: Foreign
         raise OutputError(f"{flag} {path} is a file, not a folder. {fix}.")
     if path.is_dir():
         others = foreign(path) if foreign is not None else foreign_files(path, kind)
+        others = sorted(others, key=lambda f: f.startswith("."))  # name a visible file first
         if others:
             more = f" and {len(others) - 1} more" if len(others) > 1 else ""
             raise OutputError(f"{flag} {path} holds {others[0]}{more}, which `echoink-lite {kind}` did not write; "
