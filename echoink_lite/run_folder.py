@@ -24,8 +24,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .checkpoints import RunFolderError
 from .safe_output import CURVES_PNG, RUN_LOCK_NAME
