@@ -269,6 +269,8 @@ def cmd_merge(args) -> int:
     try:
         if args.report:  # refused before the merge, not after it
             check_output_file(args.report, MERGE_REPORT, "--report")
+            if Path(args.report).expanduser().resolve() == Path(args.out).expanduser().resolve():
+                raise OutputError(f"--report {args.report} is the --out folder; pass a file beside it, e.g. merge_report.json")
         report = merge_adapter(args.adapter, args.out, base=args.base, format=args.format, dtype=args.dtype,
                                verify=not args.no_verify, console=console, revision=args.revision,
                                verify_device=args.verify_device, max_shard_size=int(args.max_shard_size_gb * 1024**3))

@@ -717,6 +717,8 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
 
     report = Path(report).expanduser() if report is not None else None
     problem = _report_write_problem(report) if report is not None else None
+    if report is not None and report.resolve() == Path(path).expanduser().resolve():
+        problem = f"--report {report} is the data being checked; pass another path, e.g. bad_rows.jsonl"
     if problem:
         error(problem)
         return CHECK_IO_ERROR

@@ -331,3 +331,13 @@ def test_a_demo_folder_is_reused_only_when_it_holds_nothing_but_the_demos_files(
     assert main(["demo", "--quick", "--out", str(other)]) == 2
     assert "holds data, which `echoink-lite demo` did not write" in one_error_line(capsys, stderr_only=True)
     assert sorted(p.name for p in other.iterdir()) == ["data"]
+
+
+def test_a_report_onto_its_own_input_or_output_is_refused(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"  # data check reads JSON Lines too: an empty set would pass the content check
+    rows.write_text("")
+    assert main(["data", "check", str(rows), "--report", str(rows)]) == 2
+    assert "is the data being checked" in one_error_line(capsys)
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(tmp_path / "a"), "--out", str(out), "--report", str(out)]) == 2
+    assert "is the --out folder" in one_error_line(capsys) and not out.exists()
