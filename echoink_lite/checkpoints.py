@@ -3,8 +3,8 @@
 A run folder (`checkpoint.output_dir`) holds recipe.yaml, metrics.jsonl, checkpoints/, adapter/ and curves.png.
 A checkpoint folder `checkpoints/step-000040/` holds:
   adapter/            the LoRA adapter in standard PEFT format (loadable with PeftModel.from_pretrained)
-  optimizer.pt        AdamW state          scheduler.pt   learning-rate scheduler state
-  rng-rank{R}.pt      python / numpy / torch (and CUDA) RNG states of each process
+  optimizer.safetensors   AdamW state     scheduler.safetensors   learning-rate scheduler state
+  rng-rank{R}.safetensors python / numpy / torch (and CUDA) RNG states of each process
   state.json          step, total steps, the data order, the recipe's math fields and hash, counters
   COMPLETE            the marker: a JSON manifest with the size and SHA-256 of every other file
 
@@ -19,6 +19,9 @@ marker was written (a cloud-synced folder such as Colab's Google Drive, a disk e
 is skipped with a warning naming the file, and the newest intact one is used. Markers written before the
 manifest existed (they hold only the step number) are still accepted after a completeness check.
 
+Nothing in a checkpoint is unpickled: the training state is stored as tensors and plain values
+(`state_files`), and the `.pt` files of older checkpoints are read with torch's weights-only loader only.
+
 Starting a run refuses a folder that holds an earlier run unless it resumes it or moves it aside
 (`--overwrite`): a fresh start there would truncate metrics.jsonl, and its new checkpoints would lose to the
 older, higher-numbered ones at pruning and at the next `--resume auto`.
@@ -30,8 +33,6 @@ import errno
 import hashlib
 import json
 import os
-import pickle
-import random
 import re
 import shutil
 import sys
@@ -41,8 +42,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from .state_files import (LEGACY_SUFFIX, StateFileError, check_rng_state, check_state_file, read_state,
+                          rng_state, save_tree, set_rng_state, state_file)
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = 1
@@ -151,10 +154,11 @@ def _free_name(path: Path) -> Path:
 
 
 def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step: int | None = None,
-                    recipe_text: str | None = None, note: Note | None = None) -> Path | None:
+                    recipe_text: str | None = None, note: Note | None = None, lock=None) -> Path | None:
     """The run's first writes, once every check has passed (the main process only).
 
-    With `overwrite`, an earlier run is renamed to `<run_dir>.old-<time>` (returned). When resuming at
+    With `overwrite`, an earlier run is renamed to `<run_dir>.old-<time>` (returned); the run's lock
+    (`run_folder.RunLock`, which was inside it) moves to the new folder. When resuming at
     `resume_step`, complete checkpoints of later steps (damaged ones skipped by the resume, or a timeline
     left by resuming an older checkpoint) are moved to `checkpoints/set-aside-<time>/`, so that pruning and a
     later `--resume auto` cannot prefer them. Then the folder is created and `recipe_text` saved as recipe.yaml.
@@ -173,6 +177,8 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step:
             note(f"moved the earlier run in {run_dir} aside to {moved}")
         writing = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
+        if moved is not None and lock is not None:
+            lock.relocate(moved)
         newer = [p for s, p in complete_checkpoints(run_dir) if resume_step is not None and s > resume_step]
         if newer:
             writing = aside = _free_name(checkpoint_dir(run_dir) / f"set-aside-{stamp}")
@@ -182,8 +188,10 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step:
             note(f"moved {len(newer)} checkpoint(s) newer than step {resume_step} ({', '.join(p.name for p in newer)}) "
                  f"aside to {aside}: this run continues from step {resume_step}")
         if recipe_text is not None:
+            from .run_folder import RUN_RECIPE_HEADER
+
             writing = run_dir / "recipe.yaml"
-            _write_text_atomic(writing, recipe_text)
+            _write_text_atomic(writing, RUN_RECIPE_HEADER + recipe_text)
         else:  # make sure the folder takes files before anything runs
             writing = run_dir / f".write-test-{os.getpid()}"
             writing.write_bytes(b"")
@@ -198,25 +206,6 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step:
 # ---------------------------------------------------------------------------------------------------
 # Writing: fsync, manifest, and one-line errors for a full disk or an unwritable folder
 # ---------------------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) RNG states, in types `torch.load(weights_only=True)` accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (name, keys.tolist(), pos, has_gauss, cached),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _fsync_fd(fd: int) -> None:
     try:
         os.fsync(fd)
@@ -234,15 +223,6 @@ def _fsync_dir(path: Path) -> None:
         _fsync_fd(fd)
     finally:
         os.close(fd)
-
-
-def _torch_save(obj: Any, path: Path) -> None:
-    """torch.save through a Python file, so that a failed write raises the real OSError (a full disk shows
-    as ENOSPC). torch.save to a path reports it as `RuntimeError: ... unexpected pos N vs M`."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        _fsync_fd(f.fileno())
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -332,10 +312,12 @@ def begin_save(run_dir: Path, step: int) -> Path:
 
 
 def save_rank_rng(tmp: Path, rank: int) -> None:
-    path = tmp / f"rng-rank{rank}.pt"
+    path = tmp / f"rng-rank{rank}.safetensors"
     try:
-        _torch_save(rng_state(), path)
-    except OSError as err:
+        save_tree(rng_state(), path)
+    except Exception as err:
+        if not _is_write_failure(err):
+            raise
         run_dir = tmp.parent.parent
         raise SaveError(write_failure_message(err, path, _previous(run_dir, int(tmp.name.rsplit("-", 1)[1])))) from None
 
@@ -347,10 +329,10 @@ def finish_save(run_dir: Path, tmp: Path, step: int, model, optimizer, scheduler
     writing = tmp / "adapter"
     try:
         model.save_pretrained(writing, safe_serialization=True)
-        writing = tmp / "optimizer.pt"
-        _torch_save(optimizer.state_dict(), writing)
-        writing = tmp / "scheduler.pt"
-        _torch_save(scheduler.state_dict(), writing)
+        writing = tmp / "optimizer.safetensors"
+        save_tree(optimizer.state_dict(), writing)
+        writing = tmp / "scheduler.safetensors"
+        save_tree(scheduler.state_dict(), writing)
         writing = tmp / "state.json"
         _write_text_atomic(writing, json.dumps(dict(state, step=step, saved_at=time.time()), indent=1))
         writing = tmp
@@ -423,10 +405,14 @@ def _check_complete_without_manifest(ckpt: Path) -> None:
     if not adapter.is_file():
         raise DamagedCheckpointError(f"{adapter} is missing")
     _check_safetensors_complete(adapter)
-    for name in ["optimizer.pt", "scheduler.pt", *sorted(p.name for p in ckpt.glob("rng-rank*.pt"))]:
+    rng_files = sorted(p.name for p in ckpt.glob("rng-rank*") if p.suffix in (".safetensors", LEGACY_SUFFIX))
+    for name in [state_file(ckpt, "optimizer").name, state_file(ckpt, "scheduler").name, *rng_files]:
         path = ckpt / name
         if not path.is_file():
             raise DamagedCheckpointError(f"{path} is missing")
+        if path.suffix != LEGACY_SUFFIX:
+            _check_safetensors_complete(path)
+            continue
         try:
             with zipfile.ZipFile(path) as z:  # torch files are zip archives with a CRC per entry
                 bad = z.testzip()
@@ -547,31 +533,52 @@ def check_resumable(state: dict[str, Any], ckpt: Path, recipe, data_fingerprint:
         )
 
 
-def load_rank_rng(ckpt: Path, rank: int) -> None:
-    path = ckpt / f"rng-rank{rank}.pt"
+_UNREADABLE_FIX = ("Resume from a checkpoint written by this echoink-lite, or start a new run with "
+                   "checkpoint.output_dir=NEW_FOLDER (or --overwrite to move this run aside).")
+
+
+def read_rank_rng(ckpt: Path, rank: int) -> dict[str, Any]:
+    """This process's RNG states from a checkpoint, checked against the generators; nothing is applied."""
+    path = state_file(ckpt, f"rng-rank{rank}")
     if not path.is_file():
         raise ResumeError(
             f"{path} is missing: the checkpoint was written by fewer processes; resume with the same number of processes"
         )
     try:
-        state = torch.load(path, weights_only=True)
-    except pickle.UnpicklingError:  # written before the RNG state was stored as plain lists (a NumPy array)
-        state = torch.load(path, weights_only=False)  # the kit's own file, verified against the marker
-    set_rng_state(state)
+        return check_rng_state(read_state(ckpt, f"rng-rank{rank}"), path)
+    except StateFileError as err:
+        raise ResumeError(f"cannot resume {ckpt}: {err}. {_UNREADABLE_FIX}") from None
+
+
+def load_rank_rng(ckpt: Path, rank: int) -> None:
+    set_rng_state(read_rank_rng(ckpt, rank))
+
+
+def check_state_files(ckpt: Path, rank: int) -> None:
+    """Refuse (ResumeError, one line) a checkpoint whose optimizer, scheduler or RNG file cannot be read safely,
+    before the run writes anything. Nothing is unpickled; a `.pt` goes through the weights-only loader only."""
+    for stem in ("optimizer", "scheduler"):
+        try:
+            check_state_file(ckpt, stem)
+        except StateFileError as err:
+            raise ResumeError(f"cannot resume {ckpt}: {err}. {_UNREADABLE_FIX}") from None
+    read_rank_rng(ckpt, rank)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The training state: what `grpo.train` resumes from and saves
 # ---------------------------------------------------------------------------------------------------
 def resume_point(run_dir: Path, resume: str | None, recipe, data_fingerprint: str, world_size: int,
-                 warn: Note | None = None) -> tuple[Path | None, dict[str, Any]]:
+                 warn: Note | None = None, rank: int = 0) -> tuple[Path | None, dict[str, Any]]:
     """(checkpoint to resume from, its state), or (None, {}) for a fresh run. Refuses a changed recipe, other
-    data or another process count (`check_resumable`); damaged checkpoints are skipped with a warning."""
+    data or another process count (`check_resumable`), and state files that cannot be read safely
+    (`check_state_files`); damaged checkpoints are skipped with a warning."""
     path = resolve_resume(resume, run_dir, warn=warn)
     if path is None:
         return None, {}
     state = load_state(path)
     check_resumable(state, path, recipe, data_fingerprint, world_size)
+    check_state_files(path, rank)
     return path, state
 
 
@@ -589,8 +596,11 @@ def load_training_state(path: Path, model, optimizer, scheduler, device, rank: i
     if getattr(result, "unexpected_keys", None):
         raise ResumeError(f"{path}: the adapter has keys this model lacks ({result.unexpected_keys[:3]}); "
                           "it was written for another base or LoRA setting. Resume with the same recipe.")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    try:
+        optimizer.load_state_dict(read_state(path, "optimizer", device))
+        scheduler.load_state_dict(read_state(path, "scheduler"))
+    except StateFileError as err:
+        raise ResumeError(f"cannot resume {path}: {err}. {_UNREADABLE_FIX}") from None
     load_rank_rng(path, rank)
 
 

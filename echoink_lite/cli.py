@@ -163,11 +163,12 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .metrics import plot_run
+    from .metrics import MetricsFileError, plot_run
+    from .safe_output import OutputError
 
     try:
         print(plot_run(args.run_dir, args.out))
-    except OSError as err:  # no metrics.jsonl (the message names the file), or an unwritable --out
+    except (OSError, MetricsFileError, OutputError) as err:  # no metrics.jsonl, a bad value, a refused --out
         print(f"echoink-lite plot: error: {err}", file=sys.stderr)
         return 2
     return 0
@@ -176,7 +177,13 @@ def cmd_plot(args) -> int:
 def cmd_tiny(args) -> int:
     from .tiny import build_tiny_full_omni, build_tiny_thinker
 
-    out = build_tiny_full_omni(args.out) if args.full else build_tiny_thinker(args.out)
+    from .safe_output import OutputError
+
+    try:
+        out = build_tiny_full_omni(args.out) if args.full else build_tiny_thinker(args.out)
+    except OSError as err:
+        raise OutputError(f"cannot write tiny OUT {args.out}: {err.strerror or err}; an earlier model there is "
+                          "unchanged. Fix: free space or pass a folder you can write to.") from None
     print(out)
     return 0
 
@@ -253,26 +260,27 @@ def _push(console, folder, args) -> int:
 
 def cmd_merge(args) -> int:
     """0: merged (and verified unless --no-verify); 1: verification or upload failed; 2: refused (nothing written)."""
-    import json
-
     from rich.console import Console
 
     from .merge import MergeError, merge_adapter
+    from .safe_output import MERGE_REPORT, OutputError, check_output_file, write_json_output
 
     console = Console()
     try:
+        if args.report:  # refused before the merge, not after it
+            check_output_file(args.report, MERGE_REPORT, "--report")
+            if Path(args.report).expanduser().resolve() == Path(args.out).expanduser().resolve():
+                raise OutputError(f"--report {args.report} is the --out folder; pass a file beside it, e.g. merge_report.json")
         report = merge_adapter(args.adapter, args.out, base=args.base, format=args.format, dtype=args.dtype,
                                verify=not args.no_verify, console=console, revision=args.revision,
                                verify_device=args.verify_device, max_shard_size=int(args.max_shard_size_gb * 1024**3))
-    except MergeError as err:
+    except (MergeError, OutputError) as err:
         return _refused(args, err)
     if args.report:
         try:
-            Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.report).write_text(json.dumps(report, indent=2, default=str) + "\n")
-        except OSError as err:
-            return _refused(args, f"cannot write --report {args.report}: {err.strerror or err}. The merged model is in "
-                                  f"{args.out}. Fix: pass a --report path you can write to.")
+            write_json_output(args.report, report, MERGE_REPORT, "--report", default=str)
+        except OutputError as err:
+            return _refused(args, f"{err} The merged model is in {args.out}.")
     if report["ok"] is False:
         console.print("[bold red]verification failed[/]: the merged folder was written but does not match base + adapter; "
                       "do not publish it. Nothing was pushed.")
@@ -537,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     from .jsonl import JsonlError
     from .modeling import ModelLoadError, configure_torch_threads
     from .recipe import RecipeError
+    from .safe_output import OutputError
 
     try:
         configure_torch_threads()  # ECHOINK_THREADS, else OMP_NUM_THREADS, else the usable CPUs
@@ -545,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, DataError, CheckpointError, JsonlError, TrainingError, ModelLoadError) as err:
+    except (RecipeError, DataError, CheckpointError, JsonlError, TrainingError, ModelLoadError, OutputError) as err:
         print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass, field, replace
@@ -681,13 +680,12 @@ def derange(rows: list[Row], which: Literal["audio", "image", "both"], seed: int
 
 
 def write_reject_report(rejects: Iterable[Reject], path: str | Path) -> Path:
-    """JSON Lines, one reject per line: problem_id, reason, detail, index."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as out:
-        for reject in rejects:
-            out.write(json.dumps(reject.to_json(), ensure_ascii=False) + "\n")
-    return path
+    """JSON Lines, one reject per line: problem_id, reason, detail, index. Written whole (a temporary file and a
+    rename), and only over a report of its own (`safe_output`): never over a dataset file."""
+    from .safe_output import REJECT_REPORT, write_output
+
+    text = "".join(json.dumps(reject.to_json(), ensure_ascii=False) + "\n" for reject in rejects)
+    return write_output(path, text, REJECT_REPORT, "--report")
 
 
 # Exit codes of `data check` (also in its --help).
@@ -696,19 +694,13 @@ CHECK_OK, CHECK_BAD_ROWS, CHECK_IO_ERROR = 0, 1, 2
 
 def _report_write_problem(report: Path) -> str | None:
     """Why the report file cannot be written, or None. Checked before the (long) decode of every row,
-    without creating anything yet."""
-    fix = "pass a --report path in a writable folder"
-    if report.is_dir():
-        return f"cannot write the report {report}: it is a folder; pass a file path, e.g. {report / 'bad.jsonl'}"
-    if report.exists():
-        return None if os.access(report, os.W_OK) else f"cannot write the report {report} (permission denied); {fix}"
-    ancestor = report.parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        return f"cannot write the report {report}: {ancestor} is a file, not a folder; {fix}"
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        return f"cannot write the report {report}: {ancestor} is not writable; {fix}"
+    without creating anything yet: a folder, an unwritable place, or a file that is not an earlier report."""
+    from .safe_output import REJECT_REPORT, OutputError, check_output_file
+
+    try:
+        check_output_file(report, REJECT_REPORT, "--report")
+    except OutputError as err:
+        return str(err)
     return None
 
 
@@ -732,6 +724,8 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
 
     report = Path(report).expanduser() if report is not None else None
     problem = _report_write_problem(report) if report is not None else None
+    if report is not None and report.resolve() == Path(path).expanduser().resolve():
+        problem = f"--report {report} is the data being checked; pass another path, e.g. bad_rows.jsonl"
     if problem:
         error(problem)
         return CHECK_IO_ERROR
@@ -770,10 +764,12 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
     console.print(table)
 
     if report is not None:
+        from .safe_output import OutputError
+
         try:
             written = write_reject_report(scan.rejects, report)
-        except OSError as err:
-            error(f"cannot write the report {report} ({err.strerror or err}); pass a --report path in a writable folder")
+        except OutputError as err:
+            error(str(err))
             return CHECK_IO_ERROR
         console.print(f"reject report: {written} ({len(scan.rejects)} lines)")
 

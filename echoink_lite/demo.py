@@ -12,12 +12,16 @@ with the reason for each one that differs from the paper's; docs/reproduction.md
 
 It writes everything under its own folder (`demo_runs/demo` by default) and starts the GRPO run and the
 evaluation afresh each time; the CPU runbook (docs/runbook-cpu.md) uses another folder (`runs/tiny-cpu`),
-so a run by hand never mixes with the demo's.
+so a run by hand never mixes with the demo's. A rerun replaces only what an earlier demo wrote there:
+`check_demo_folder` refuses, before anything is written, a folder holding anything else (a file of the
+user's, a run of their own), naming it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -58,6 +62,119 @@ def demo_recipe(out: Path, quick: bool = False, seed: int = 0):
     return recipe_from_dict(d, "demo recipe")
 
 
+DEMO_KIND = "demo"
+_DEMO_ENTRIES = ("data", "tiny-model", "warm-model", "run", "eval", "merged", "demo_summary.json")
+_RUN_ENTRIES = {"recipe.yaml", "metrics.jsonl", "curves.png", "adapter", "checkpoints", "train.lock"}
+
+
+def _merged_foreign(folder: Path) -> list[str]:
+    """Files of `folder` that `merge` does not write (it writes no marker: its folders are for publishing)."""
+    from .merge import _PROCESSOR_FILES
+
+    names = {"config.json", "generation_config.json", "README.md", "model.safetensors.index.json", "spk_dict.pt",
+             *_PROCESSOR_FILES}
+    shard = re.compile(r"^model(-\d{5}-of-\d{5})?\.safetensors$")
+    card = folder / "README.md"
+    if card.is_file() and "# Merged EchoInk-lite model" not in card.read_text(encoding="utf-8", errors="replace"):
+        return ["README.md"]
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.parent != folder or not (p.is_file() and (p.name in names or shard.match(p.name))))
+
+
+def _model_files_foreign(folder: Path) -> list[str]:
+    """Files of a model folder written before the output marker that save_pretrained does not write."""
+    from .merge import _PROCESSOR_FILES
+
+    names = {"config.json", "generation_config.json", "model.safetensors", *_PROCESSOR_FILES}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.parent != folder or p.name not in names)
+
+
+def _run_foreign(run: Path, out: Path) -> list[str]:
+    """Entries of `run` that are not the demo's own GRPO run (its recipe.yaml names this demo folder)."""
+    import yaml
+
+    entries = sorted(p.name for p in run.iterdir())
+    if not entries:
+        return []
+    try:
+        saved = yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8"))
+        ours = (Path(saved["checkpoint"]["output_dir"]).resolve() == (out / "run").resolve()
+                and Path(saved["model"]["name_or_path"]).resolve() == (out / "warm-model").resolve())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        ours = False
+    if not ours:
+        return [f"run/{entries[0]} (a run folder this demo did not write)"]
+    return [f"run/{e}" for e in entries if e not in _RUN_ENTRIES and not (e.startswith(".") and ".tmp" in e)]
+
+
+def demo_folder_foreign(out: Path) -> list[str]:
+    """What in `out` an earlier demo did not write (empty for a new or empty folder, or an earlier demo's)."""
+    from .safe_output import DEMO_SUMMARY, FOLDER_MARKER, PREDICTIONS, folder_marker, foreign_files
+    from .synth import synth_foreign_files
+    from .warmstart import WARM_START_KIND
+
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return []
+    marker = folder_marker(out)
+    # a demo folder of an echoink-lite before the marker: recognised by its summary and the checks below
+    legacy = marker is None and DEMO_SUMMARY.recognise(out / "demo_summary.json")
+    if not legacy and (marker is None or marker["kind"] != DEMO_KIND):
+        return entries
+    foreign = [e for e in entries if e not in _DEMO_ENTRIES and e != FOLDER_MARKER]
+    checks = {"data": synth_foreign_files, "merged": _merged_foreign, "run": lambda p: _run_foreign(p, out),
+              "tiny-model": _model_files_foreign if legacy else lambda p: foreign_files(p, "tiny"),
+              "warm-model": _model_files_foreign if legacy else lambda p: foreign_files(p, WARM_START_KIND)}
+    for name, check in checks.items():
+        path = out / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            foreign.append(name)
+        elif path.is_dir():
+            foreign += [f if f.startswith(f"{name}/") else f"{name}/{f}" for f in check(path)]
+    evals = out / "eval"
+    if evals.is_dir():
+        foreign += [f"eval/{p.name}" for p in evals.iterdir()
+                    if p.name != "predictions.jsonl" or not (p.stat().st_size == 0 or PREDICTIONS.recognise(p))]
+    summary = out / "demo_summary.json"
+    if summary.exists() and not DEMO_SUMMARY.recognise(summary):
+        foreign.append("demo_summary.json")
+    return foreign
+
+
+def check_demo_folder(out: Path) -> None:
+    """OutputError (one line) unless `out` is new, empty, or an earlier demo's folder holding nothing else."""
+    from .safe_output import OutputError, check_output_folder
+
+    check_output_folder(out, DEMO_KIND, "demo --out", foreign=demo_folder_foreign)
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write demo --out {out}: the folder is not writable. Fix: pass a folder you can write to.")
+
+
+def _claim_demo_folder(out: Path) -> None:
+    """Mark `out` as the demo's (its marker names the entries the demo owns), after `check_demo_folder`."""
+    from .safe_output import FOLDER_MARKER, write_bytes_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    marker = {"kind": DEMO_KIND, "files": list(_DEMO_ENTRIES)}
+    write_bytes_atomic(out / FOLDER_MARKER, (json.dumps(marker, indent=1) + "\n").encode("utf-8"))
+
+
+def merge_into_demo_folder(out: Path, adapter_dir: Path, console: Console) -> dict:
+    """Merge the demo's adapter into `out/merged`, replacing an earlier demo's merge there (checked first)."""
+    from .merge import merge_adapter
+    from .safe_output import OutputError
+
+    merged_dir = out / "merged"
+    if merged_dir.is_dir():
+        foreign = _merged_foreign(merged_dir)
+        if foreign:
+            raise OutputError(f"demo --out {out}: merged/{foreign[0]} was not written by the demo; it is not deleted. "
+                              "Fix: move it away, or pass another --out.")
+        shutil.rmtree(merged_dir)  # an earlier demo's merge: the demo measures afresh each time
+    return merge_adapter(str(adapter_dir), str(merged_dir), base=str(out / "warm-model"), format="thinker",
+                         dtype="fp32", verify=True, console=console)
+
+
 def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int = 0, console: Console | None = None) -> dict:
     import torch
 
@@ -65,15 +182,17 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
     from .evaluate import EvalConfig, evaluate_rows, load_eval_model, load_model, print_summary
     from .grpo import train
     from .infer import infer
-    from .merge import merge_adapter
     from .metrics import plot_run
     from .modeling import usable_cpus
-    from .synth import synth_command
+    from .safe_output import DEMO_SUMMARY, write_json_output
+    from .synth import write_synth_set
     from .tiny import build_tiny_thinker
     from .warmstart import warm_start
 
     console = console or Console()
     out = Path(out)
+    check_demo_folder(out)  # before anything is written: nothing but an earlier demo's files may be replaced
+    _claim_demo_folder(out)
     t0 = time.time()
     console.print(f"torch threads: {torch.get_num_threads()} of {usable_cpus()} CPUs "
                   "(ECHOINK_THREADS sets it; use 1 on a busy machine)", highlight=False)
@@ -84,7 +203,8 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
 
     console.rule("[bold]1/7 synthetic data (AVQA-R1-6K layout)")
     n_train, n_valid = (32, 16) if quick else (256, 128)
-    synth_command(out / "data", train=n_train, valid=n_valid, seed=seed, console=console)
+    for split_dir, n in zip(write_synth_set(out / "data", n_train, n_valid, seed), (n_train, n_valid)):
+        console.print(f"wrote {n} {split_dir.name} items to {split_dir}", highlight=False, markup=False)
     phase("data")
 
     console.rule("[bold]2/7 tiny Qwen2.5-Omni thinker (real classes, random weights)")
@@ -99,7 +219,8 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
 
     console.rule("[bold]4/7 GRPO with QLoRA (4-bit NF4 base, LoRA on the language model)")
     recipe = demo_recipe(out, quick, seed)
-    shutil.rmtree(out / "run", ignore_errors=True)  # the demo measures afresh each time
+    if (out / "run").is_dir():
+        shutil.rmtree(out / "run")  # an earlier demo's run (check_demo_folder): the demo measures afresh each time
     result = train(recipe, console=console)
     phase("grpo")
 
@@ -126,8 +247,7 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
 
     console.rule("[bold]7/7 merge the adapter, then ask the merged model one question")
     merged_dir = out / "merged"
-    report = merge_adapter(str(result.adapter_dir), str(merged_dir), base=str(out / "warm-model"), format="thinker",
-                           dtype="fp32", verify=True, console=console)
+    report = merge_into_demo_folder(out, result.adapter_dir, console)
     mmodel, mproc = load_model(str(merged_dir), dtype="float32", device="cpu")
     row = rows[0]
     console.print(f"question (validation item {row.problem_id}, {row.image_path.name} + {row.audio_path.name}): "
@@ -150,7 +270,7 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
         "seconds": timings, "total_seconds": round(time.time() - t0, 1), "quick": quick,
         "torch_threads": torch.get_num_threads(), "usable_cpus": usable_cpus(),
     }
-    (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_output(out / "demo_summary.json", summary, DEMO_SUMMARY, "demo summary")
     _print_final(console, summary, out)
     return summary
 

@@ -79,6 +79,7 @@ from .modeling import (
 from .progress import phase_progress
 from .prompting import encode_row, render_prompt
 from .rollout import RolloutEngine, SamplingParams
+from .safe_output import EVAL_SUMMARY, PREDICTIONS, check_output_file, write_json_output
 from .thinker_forward import encode_prompts
 
 # Kept importable from here: the cache's reader and the protocol constants moved to their own modules.
@@ -300,6 +301,7 @@ def _model_device(model) -> torch.device:
 
 
 def _open_for_append(path: Path):
+    check_output_file(path, PREDICTIONS, "--out")  # only a predictions file of its own is appended to
     path.parent.mkdir(parents=True, exist_ok=True)
     needs_newline = False
     if path.is_file() and path.stat().st_size > 0:
@@ -522,6 +524,7 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
     label = "adapter" if cfg.adapter else "merged" if cfg.merged else "base"
     labels = ["base", label] if cfg.compare_base else [label]
     protocol, decoding = get_protocol(cfg.protocol), cfg.decoding()
+    check_eval_outputs(path)
     for name in labels:  # refuse a predictions file from other settings before loading the model
         read_done(path, name, settings_hash(cfg, name, decoding), adapter_hash(cfg, name))
     model, processor = load_eval_model(cfg)
@@ -563,8 +566,13 @@ def run_eval(cfg: EvalConfig, console=None) -> dict[str, Any]:
         "difference_pp": difference_pp,
         "config": config,
     }
-    summary_file = summary_path(path)
-    summary_file.parent.mkdir(parents=True, exist_ok=True)
-    summary_file.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_output(summary_path(path), summary, EVAL_SUMMARY, "eval summary (beside --out)", ensure_ascii=False)
     return summary
+
+
+def check_eval_outputs(path: Path) -> None:
+    """Refuse (OutputError, one line) an --out, or the summary file beside it, that is not eval's own output:
+    a training log, a dataset file, a file of the user's. Before the model is loaded; writes nothing."""
+    check_output_file(path, PREDICTIONS, "--out")
+    check_output_file(summary_path(path), EVAL_SUMMARY, "eval summary (beside --out)")
 

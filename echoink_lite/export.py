@@ -150,12 +150,25 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, recipe_path: st
     target, folder = out.expanduser().resolve(), src.expanduser().resolve()
     if target == folder or folder in target.parents:
         raise MergeError(f"--out {out} is inside the adapter folder {src}. Fix: pass a folder outside it, e.g. {folder.parent / 'export'}.")
+    # Written into a hidden sibling folder renamed to --out at the end: a failed write leaves nothing there.
+    from .safe_output import OutputError, new_partial_folder
+
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        shutil.copy2(src / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
-        (out / "README.md").write_text(_model_card(config, recipe_text, Path(recipe_path).name if recipe_path else None, eval_lines))
+        tmp = new_partial_folder(out, "--out")
+    except OutputError as err:
+        raise MergeError(str(err)) from None
+    try:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        shutil.copy2(src / ADAPTER_WEIGHTS, tmp / ADAPTER_WEIGHTS)
+        (tmp / "README.md").write_text(_model_card(config, recipe_text, Path(recipe_path).name if recipe_path else None, eval_lines))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
     except OSError as err:
-        raise MergeError(f"cannot write --out {out}: {err.strerror or err} ({err.filename or out}). "
-                         "Fix: pass a folder you can write to.") from None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MergeError(f"cannot write --out {out}: {err.strerror or err} ({err.filename or out}); nothing was left at "
+                         "--out. Fix: pass a folder you can write to.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoints as ckpt
+from . import run_folder
 from .console import make_console, print_plan, print_step, warn_on_metrics
 from .data import Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .distributed import Dist, setup_dist
@@ -118,16 +119,39 @@ class Run:
 
 def train(recipe: Recipe, resume: str | None = None, console=None, force: bool = False, overwrite: bool = False) -> TrainResult:
     """Run GRPO for a validated recipe. Safe to call again with resume="auto" after any interruption.
-    A folder holding an earlier run is refused unless resuming it, or with `overwrite` (moves it aside)."""
+    A folder holding an earlier run is refused unless resuming it, or with `overwrite` (moves it aside); so is
+    one on the data or the model, or one another `train` holds (`run_folder`: locked for the whole run)."""
     console = make_console(console)
     dst = setup_dist()
     run_dir = Path(recipe.checkpoint.output_dir)
     resuming = ckpt.resume_requested(resume)
     ckpt.check_run_dir(run_dir, resuming, overwrite)  # every process; reads only
+    run_folder.check_apart_from_inputs(recipe)
+    run_folder.check_own_run_files(run_dir, recipe.to_yaml())
 
     def note(message: str) -> None:  # run folder and checkpoint warnings, printed once
         if dst.main:
             console.print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+    lock, error = None, None
+    if dst.main:  # one lock per run: rank 0 takes it, every process stops if it cannot
+        try:
+            lock = run_folder.acquire_run_lock(run_dir, note)
+        except ckpt.CheckpointError as err:
+            error = err
+    if not dst.all_ok(error is None):
+        raise error or TrainingError(f"rank 0 could not lock the run folder {run_dir}; its message says why")
+    try:
+        return _train_locked(recipe, resume, console, force, overwrite, dst, note, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, overwrite: bool, dst: Dist, note,
+                  lock) -> TrainResult:
+    run_dir = Path(recipe.checkpoint.output_dir)
+    resuming = ckpt.resume_requested(resume)
 
     # -- setup: data (bad rows counted, never silently skipped) and the resume point ------------------
     scan = scan_split(recipe.data.train, open_media=True)
@@ -136,7 +160,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     derived = recipe.derived(len(rows), world_size=dst.world)
     total_steps = derived["total_steps"]
     fingerprint = rows_fingerprint(rows)
-    resume_from, state = ckpt.resume_point(run_dir, resume, recipe, fingerprint, dst.world, warn=note)
+    resume_from, state = ckpt.resume_point(run_dir, resume, recipe, fingerprint, dst.world, warn=note, rank=dst.rank)
     start_step = state.get("step", 0)
     schedule = _saved_schedule(state, recipe) or data_schedule(len(rows), recipe.grpo.prompts_per_step, total_steps,
                                                                 recipe.schedule.seed)
@@ -158,7 +182,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     if dst.main:
         try:
             ckpt.prepare_run_dir(run_dir, resuming, overwrite, resume_step=start_step if resume_from else None,
-                                 recipe_text=recipe.to_yaml(), note=note)
+                                 recipe_text=recipe.to_yaml(), note=note, lock=lock)
         except ckpt.CheckpointError as err:
             error = err
     if not dst.all_ok(error is None):
@@ -224,6 +248,8 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
             console.print(f"curves: {plot_run(run_dir)}")
         except FileNotFoundError:
             pass
+        except ValueError as err:  # a refused curves.png or a bad metrics value: the adapter is saved regardless
+            console.print(f"warning: curves not drawn: {err}", style="yellow", markup=False, highlight=False)
         console.print(f"[bold green]done[/]: {step} steps, adapter in {adapter_dir}")
     return TrainResult(run_dir, step, adapter_dir, last_metrics, run.counters["skipped_rows"], run.model)
 

@@ -455,6 +455,19 @@ def _new_partial_folder(out: Path) -> Path:
     return tmp
 
 
+def _safetensors_io_error(err: BaseException) -> OSError | None:
+    """The OSError behind a SafetensorError raised by a failed write ("I/O error: No space left on device (os
+    error 28)"), or None for any other error."""
+    from safetensors import SafetensorError
+
+    text = str(err)
+    if not isinstance(err, SafetensorError) or "I/O error" not in text:
+        return None
+    found = re.search(r"os error (\d+)\)", text)
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, text.split("I/O error: ")[-1].split(" (os error")[0])
+
+
 def _write_error(err: OSError, out: Path) -> MergeError:
     where = err.filename or out
     if err.errno == errno.ENOSPC:
@@ -530,8 +543,11 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _write_error(err, out) from None
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        io_error = _safetensors_io_error(err)
+        if io_error is not None:  # safetensors reports a failed write (a full disk) as SafetensorError
+            raise _write_error(io_error, out) from None
         raise
 
     report: dict[str, Any] = {

@@ -178,18 +178,61 @@ def draw_curves(rows: list[dict[str, Any]], recipe: dict[str, Any], run_name: st
     return fig
 
 
+class MetricsFileError(ValueError):
+    """A metrics.jsonl whose plotted values are not numbers; the message names the file and the step."""
+
+
+PLOTTED = ("step", "reward", "accuracy", "format_rate", "completion_length", "zero_std_fraction")
+
+
+def check_plottable(rows: list[Any], path: Path) -> None:
+    """MetricsFileError (one line) for an entry that is not an object or a plotted value that is not a number."""
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise MetricsFileError(f"{path}: entry {number} is not a JSON object; metrics.jsonl holds one object per "
+                                   "step as `echoink-lite train` writes it. Fix: remove that line.")
+        for key in PLOTTED:
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise MetricsFileError(f"{path}: entry {number} (step {row.get('step', '?')}) has {key} = "
+                                       f"{json.dumps(value)[:40]}, not a number. Fix: correct or remove that line.")
+
+
+def curves_path(run_dir: Path, out: str | Path | None) -> Path:
+    """Where the PNG goes: RUN_DIR/curves.png by default, FOLDER/curves.png for a folder (existing, or named
+    with a trailing slash); anything else must end in .png."""
+    from .safe_output import OutputError
+
+    if not out:
+        return run_dir / "curves.png"
+    text = str(out)
+    path = Path(text).expanduser()
+    if path.is_dir() or text.endswith(("/", os.sep)):
+        return path / "curves.png"
+    if path.suffix.lower() != ".png":
+        raise OutputError(f"--out {path}: the curves are written as a PNG. Fix: pass a path ending in .png, or a folder.")
+    return path
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw the curves of a run folder (its metrics.jsonl and recipe.yaml) to a PNG; returns its path."""
+    """Draw the curves of a run folder (its metrics.jsonl and recipe.yaml) to a PNG; returns its path. The PNG
+    replaces only an earlier curves PNG (`safe_output`), written whole through a temporary file."""
+    import io
+
     import matplotlib.pyplot as plt
+
+    from .safe_output import CURVES_PNG, PNG_TEXT_KEY, check_output_file, write_output
 
     run_dir = Path(run_dir)
     rows = read_metrics(run_dir)
+    check_plottable(rows, run_dir / "metrics.jsonl")
+    out = check_output_file(curves_path(run_dir, out), CURVES_PNG, "--out")
     recipe = _run_recipe(run_dir)
     run_name = (recipe.get("logging") or {}).get("run_name") or run_dir.resolve().name
-    out = Path(out) if out else run_dir / "curves.png"
     fig = draw_curves(rows, recipe, run_name)
+    buffer = io.BytesIO()
     try:
-        fig.savefig(out, dpi=100)
+        fig.savefig(buffer, format="png", dpi=100, metadata={PNG_TEXT_KEY: "curves"})
     finally:
         plt.close(fig)
-    return out
+    return write_output(out, buffer.getvalue(), CURVES_PNG, "--out")

@@ -18,7 +18,6 @@ the largest of them. The table lists them under "largest of", prints the ones th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,8 +241,12 @@ def plan_command(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     0 if the recipe fits, 1 if not. `gpu_memory_gib`: None plans for the detected GPU, else 24 GiB."""
     from rich.console import Console
 
+    from .safe_output import PLAN_JSON, check_output_file, write_json_output
+
     console = console or Console()
     recipe = load_recipe(recipe_path, list(overrides))
+    if json_out:  # refused before anything is printed: a folder, a recipe, a file that is not an earlier plan
+        check_output_file(json_out, PLAN_JSON, "--json")
     source = "--gpu-memory"
     if gpu_memory_gib is None:
         gpu_memory_gib = detected_gpu_memory_gib()
@@ -268,7 +271,7 @@ def plan_command(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
         else:
             console.print("no combination of the usual knobs fits this GPU: use a larger GPU")
     if json_out:
-        Path(json_out).write_text(json.dumps(est.to_dict(), indent=2) + "\n")
+        write_json_output(json_out, est.to_dict(), PLAN_JSON, "--json")
     return 0 if est.fits else 1
 
 

@@ -18,6 +18,7 @@ Output is deterministic for a seed: same seed, byte-identical JSON and media.
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -117,16 +118,69 @@ def write_synthetic_split(
     return split_dir
 
 
+def synth_foreign_files(out: Path) -> list[str]:
+    """Files under `out` that `data synth` did not write. Its own output is recognised by its content: a
+    `train` or `valid` split whose list file holds only this generator's items, and the media named after
+    them, so a set written by any version of the kit may be replaced and nothing else is."""
+    own_lists: dict[str, bool] = {}
+
+    def split_is_synth(split: str) -> bool:
+        if split not in own_lists:
+            try:
+                items = json.loads((out / split / f"omni_rl_format_{split}.json").read_text(encoding="utf-8"))
+                own_lists[split] = isinstance(items, list) and all(
+                    isinstance(i, dict) and i.get("data_source") == SYNTH_DATA_SOURCE for i in items)
+            except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+                own_lists[split] = False
+        return own_lists[split]
+
+    media = re.compile(r"^(audios/sample_\d+\.wav|images/sample_\d+\.png)$")
+    foreign = []
+    for path in sorted(out.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        rel = path.relative_to(out).as_posix()
+        split, _, rest = rel.partition("/")
+        ours = (split in ("train", "valid") and not path.is_symlink() and split_is_synth(split)
+                and (rest == f"omni_rl_format_{split}.json" or media.match(rest)))
+        if not ours:
+            foreign.append(rel)
+    return foreign
+
+
+def write_synth_set(out: str | Path, train: int, valid: int, seed: int) -> list[Path]:
+    """Write OUT/train and OUT/valid whole: into a hidden sibling folder swapped in at the end, over nothing
+    but an earlier synthetic set (`synth_foreign_files`). OutputError (one line) otherwise, or on a failed write."""
+    from .safe_output import OutputError, replacing_folder
+
+    out = Path(out)
+    try:
+        with replacing_folder(out, "data synth", "data synth OUT", foreign=synth_foreign_files, mark=False) as tmp:
+            for split, n in (("train", train), ("valid", valid)):
+                write_synthetic_split(tmp, split, n, seed)
+    except OSError as err:
+        raise OutputError(f"cannot write data synth OUT {out}: {err.strerror or err} ({err.filename or out}); an earlier "
+                          "set there is unchanged. Fix: free space or pass a folder you can write to.") from None
+    return [out / "train", out / "valid"]
+
+
 def synth_command(out: str | Path, train: int = 256, valid: int = 128, seed: int = 0, console=None) -> int:
-    """``echoink-lite data synth OUT``: write the train and valid splits and say where they are."""
+    """``echoink-lite data synth OUT``: write the train and valid splits and say where they are (0), or say in one
+    line why not (2): OUT is a file or holds files the command did not write, or the write failed."""
     from rich.console import Console
     from rich.markup import escape
+
+    from .safe_output import OutputError
 
     console = console or Console()
     if train < 1 or valid < 1:
         console.print(f"[bold red]error:[/] --train and --valid must be at least 1 (got {train} and {valid})")
         return 2
-    for split, n in (("train", train), ("valid", valid)):
-        split_dir = write_synthetic_split(out, split, n, seed)
-        console.print(f"wrote {n} {split} items to {escape(str(split_dir))}", highlight=False)
+    try:
+        split_dirs = write_synth_set(out, train, valid, seed)
+    except OutputError as err:
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        return 2
+    for split_dir, n in zip(split_dirs, (train, valid)):
+        console.print(f"wrote {n} {split_dir.name} items to {escape(str(split_dir))}", highlight=False)
     return 0

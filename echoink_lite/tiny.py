@@ -146,16 +146,22 @@ def build_tiny_thinker(out_dir: str | Path, seed: int = 0):
     """Save a tiny thinker + tokenizer + processor to `out_dir`; returns the path."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     processor = build_tiny_processor(tokenizer)
     torch.manual_seed(seed)
     model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(tokenizer)).float()
     _set_generation_defaults(model, tokenizer)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
+    with _model_folder(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def _model_folder(out_dir: str | Path):
+    """The folder is written aside and swapped in, over nothing but an earlier `tiny` output (`safe_output`)."""
+    from .safe_output import replacing_folder
+
+    return replacing_folder(out_dir, "tiny", "tiny OUT")
 
 
 def _set_generation_defaults(model, tokenizer) -> None:
@@ -201,14 +207,15 @@ def build_tiny_full_omni(out_dir: str | Path, seed: int = 0):
     """Save a tiny complete Qwen2.5-Omni (thinker + talker + token2wav + spk_dict.pt) to `out_dir`."""
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
     processor = build_tiny_processor(tokenizer)
     torch.manual_seed(seed)
     model = Qwen2_5OmniForConditionalGeneration(tiny_full_omni_config(tokenizer)).float()
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    # The real checkpoint ships speaker embeddings for the talker beside the weights.
-    torch.save({"Chelsie": {"cond": torch.randn(1, 16), "ref_mel": torch.randn(1, 8, 16), "bos_token": 0}}, out / "spk_dict.pt")
-    return out
+    with _model_folder(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        # The real checkpoint ships speaker embeddings for the talker beside the weights (a torch file that
+        # transformers reads with weights_only=True); only tensors and plain values are in it.
+        torch.save({"Chelsie": {"cond": torch.randn(1, 16), "ref_mel": torch.randn(1, 8, 16), "bos_token": 0}},
+                   tmp / "spk_dict.pt")
+    return Path(out_dir)

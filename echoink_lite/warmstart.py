@@ -28,6 +28,8 @@ from .progress import phase_progress
 from .prompting import collate, encode_example
 from .synth import SYNTH_CLASSES
 
+WARM_START_KIND = "demo warm start"
+
 
 def random_letter_target(true_letter: str, rng: random.Random) -> str:
     colour, pitch = SYNTH_CLASSES[true_letter]
@@ -40,7 +42,10 @@ def warm_start(base_dir: str | Path, train_split: str | Path, out_dir: str | Pat
     Progress goes to `console` (a new rich Console by default; `Console(quiet=True)` silences it)."""
     from rich.console import Console
 
+    from .safe_output import check_output_folder, replacing_folder
+
     console = console or Console()
+    check_output_folder(out_dir, WARM_START_KIND, "warm start out_dir")  # before the training, not after it
     rng = random.Random(seed)
     torch.manual_seed(seed)
     processor = load_processor(str(base_dir))
@@ -73,7 +78,7 @@ def warm_start(base_dir: str | Path, train_split: str | Path, out_dir: str | Pat
             loss.backward()
             opt.step()
             advance(1, note=f"loss {loss.item():.3f}")
-    out = Path(out_dir)
-    model.save_pretrained(out, safe_serialization=True)
-    processor.save_pretrained(out)
-    return out
+    with replacing_folder(out_dir, WARM_START_KIND, "warm start out_dir") as tmp:  # whole, over its own output only
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)

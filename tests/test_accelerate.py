@@ -36,5 +36,5 @@ def test_accelerate_launch_multi_gpu_trains_with_two_cpu_processes(tiny_model_di
     assert [r["step"] for r in rows] == [1, 2]
     final = ckpt.latest_checkpoint(out)
     assert final.name == "step-000002" and ckpt.verify_checkpoint(final)
-    assert sorted(p.name for p in final.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert sorted(p.name for p in final.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
     assert ckpt.load_state(final)["world_size"] == 2

@@ -8,8 +8,11 @@ import errno
 import json
 import os
 import pathlib
+import shlex
 import shutil
-import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ from echoink_lite.cli import main
 from echoink_lite.evaluate import EvalError, _read_done
 from echoink_lite.grpo import train
 from echoink_lite.metrics import MetricsWriter, read_metrics
+from echoink_lite.run_folder import RUN_RECIPE_HEADER
 from test_grpo import tiny_recipe
 
 ADAPTER = "adapter/adapter_model.safetensors"
@@ -90,7 +94,8 @@ def test_run_folder_checks_in_isolation(tmp_path):
     moved = ckpt.prepare_run_dir(run, resuming=False, overwrite=True, recipe_text="y: 2\n", note=notes.append)
     assert moved.name.startswith("run.old-") and (moved / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert str(moved) in notes[0]
-    assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"] and (run / "recipe.yaml").read_text() == "y: 2\n"
+    assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"]
+    assert (run / "recipe.yaml").read_text() == RUN_RECIPE_HEADER + "y: 2\n"
 
 
 def test_an_unwritable_output_dir_is_one_line_naming_it(tiny_model_dir, synth_dir, tmp_path, capsys):
@@ -158,7 +163,7 @@ def _garbage_in_adapter_tensors(path):
 
 DAMAGE = {
     "truncated adapter": (ADAPTER, _truncate),
-    "truncated optimizer": ("optimizer.pt", _truncate),
+    "truncated optimizer": ("optimizer.safetensors", _truncate),
     "empty state.json": ("state.json", lambda p: p.write_text("")),
     "garbage inside adapter tensors": (ADAPTER, _garbage_in_adapter_tensors),
 }
@@ -168,7 +173,7 @@ def test_the_marker_records_size_and_sha256_of_every_file(finished_run):
     path = ckpt.latest_checkpoint(finished_run)
     manifest = ckpt.read_marker(path)
     files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != ckpt.MARKER)
-    assert sorted(manifest["files"]) == files and ADAPTER in files and "rng-rank0.pt" in files
+    assert sorted(manifest["files"]) == files and ADAPTER in files and "rng-rank0.safetensors" in files
     for rel, want in manifest["files"].items():
         assert want == ckpt.file_digest(path / rel)
     assert ckpt.verify_checkpoint(path) is True
@@ -202,12 +207,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(run_cop
 
 def test_no_intact_checkpoint_is_refused_clearly(run_copy):
     for step in (1, 2):
-        _truncate(run_copy / "checkpoints" / f"step-{step:06d}" / "optimizer.pt")
+        _truncate(run_copy / "checkpoints" / f"step-{step:06d}" / "optimizer.safetensors")
     with pytest.raises(ckpt.ResumeError) as err:
         ckpt.resolve_resume("auto", run_copy, warn=lambda m: None)
     msg = str(err.value)
     assert msg.startswith("no intact checkpoint in") and "\n" not in msg
-    assert "step-000001/optimizer.pt" in msg and "step-000002/optimizer.pt" in msg and "--overwrite" in msg
+    assert "step-000001/optimizer.safetensors" in msg and "step-000002/optimizer.safetensors" in msg and "--overwrite" in msg
 
 
 def test_resume_skips_a_damaged_checkpoint_and_continues_exactly(tiny_model_dir, synth_dir, finished_run, run_copy, capsys):
@@ -237,9 +242,9 @@ def test_a_marker_without_manifest_is_still_read_with_a_note(run_copy):
     assert ckpt.resolve_resume("auto", run_copy, warn=notes.append) == newest
     assert len(notes) == 1 and "no file checksums" in notes[0]
     # completeness is still checked: a truncated file is found without the manifest
-    _truncate(newest / "optimizer.pt")
+    _truncate(newest / "optimizer.safetensors")
     assert ckpt.resolve_resume("auto", run_copy, warn=notes.append).name == "step-000001"
-    assert "optimizer.pt is truncated" in notes[-1]
+    assert f"{newest / 'optimizer.safetensors'} has " in notes[-1] and "its header describes" in notes[-1]
 
 
 def test_newer_checkpoints_are_set_aside_when_resuming_an_older_one(run_copy):
@@ -294,42 +299,53 @@ def test_files_and_folders_are_synced_before_the_marker(tmp_path, monkeypatch):
     assert str(final.parent) in events[marker_at:]  # the rename into place is synced too
 
 
-@pytest.mark.parametrize("failing", ["optimizer.pt", "adapter"])
+@pytest.mark.parametrize("failing", ["optimizer.safetensors", "adapter"])
 def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failing):
     from safetensors import SafetensorError
 
     previous = _save(tmp_path, 1)
-    real_torch_save = ckpt._torch_save
+    real_save_tree = ckpt.save_tree
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    def full_disk_torch_save(obj, path):
+    def full_disk_save_tree(obj, path):
         if path.name == failing:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_torch_save(obj, path)
+            raise full
+        real_save_tree(obj, path)
 
     class FullDiskAdapter(_Adapter):
         def save_pretrained(self, folder, safe_serialization=True):
-            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+            raise full
 
-    monkeypatch.setattr(ckpt, "_torch_save", full_disk_torch_save)
+    monkeypatch.setattr(ckpt, "save_tree", full_disk_save_tree)
     with pytest.raises(ckpt.SaveError) as err:
         _save(tmp_path, 2, FullDiskAdapter() if failing == "adapter" else None)
     written = ckpt.tmp_path_for(tmp_path, 2) / failing
     assert str(err.value).startswith(f"no space left on device while writing {written}; "
                                      f"the previous checkpoint {previous} is intact")
-    assert "unexpected pos" not in str(err.value)
     assert not ckpt.tmp_path_for(tmp_path, 2).exists()  # the partial save is removed to give space back
     assert ckpt.resolve_resume("auto", tmp_path, warn=pytest.fail) == previous
 
 
-def test_torch_save_to_a_full_disk_raises_the_real_error():
-    """/dev/full answers every write with ENOSPC: the kit's writer surfaces it, torch.save(path) would not."""
-    if not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)):
-        pytest.skip("no /dev/full device on this system")
-    with pytest.raises(OSError) as err:
-        ckpt._torch_save({"x": torch.zeros(1000)}, pathlib.Path("/dev/full"))
-    assert err.value.errno == errno.ENOSPC
-    with pytest.raises(RuntimeError, match="unexpected pos"):
-        torch.save({"x": torch.zeros(1000)}, "/dev/full")
+def test_a_state_file_write_that_the_disk_refuses_is_one_line(tmp_path):
+    """A real failed write (a file size limit: the kernel answers EFBIG), not a stand-in: safetensors reports
+    it as SafetensorError, and the checkpoint writer turns it into its one-line SaveError."""
+    code = textwrap.dedent(f"""
+        import resource, signal, pathlib
+        from echoink_lite import checkpoints as ckpt
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        tmp = ckpt.begin_save(pathlib.Path({str(tmp_path)!r}), 3)
+        try:
+            ckpt.save_rank_rng(tmp, 0)
+        except ckpt.SaveError as err:
+            print("SaveError:", err)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent.parent)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = proc.stdout.strip()
+    assert line.startswith(f"SaveError: cannot write (") and "rng-rank0.safetensors" in line
+    assert "no earlier checkpoint of this run exists" in line and "\n" not in line
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,3 +376,61 @@ def test_eval_predictions_with_a_torn_last_line_are_repaired(tmp_path):
     path.write_text('{"label": "base", "sett\n' + json.dumps(done) + "\n")
     with pytest.raises(EvalError, match=r"predictions.jsonl, line 1: not valid JSON"):
         _read_done(path, "base", "s1")
+
+
+# ---------------------------------------------------------------------------------------------------
+# E. Nothing in a checkpoint runs code
+# ---------------------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs `touch MARKER`: what a crafted checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def _rewrite_marker(ckpt_dir):
+    """What whoever writes the folder can do: a manifest that matches the altered files."""
+    files = ckpt.build_manifest(ckpt_dir, fsync=False)
+    (ckpt_dir / ckpt.MARKER).write_text(json.dumps({"format": 1, "step": 2, "files": files}))
+
+
+@pytest.mark.parametrize("stem", ["rng-rank0", "optimizer", "scheduler"])
+def test_a_crafted_pickle_in_a_checkpoint_never_runs_and_resume_is_refused_in_one_line(
+        tiny_model_dir, synth_dir, run_copy, tmp_path, capsys, stem):
+    marker = tmp_path / "payload-ran"
+    newest = run_copy / "checkpoints" / "step-000002"
+    (newest / f"{stem}.safetensors").unlink()
+    crafted = newest / f"{stem}.pt"
+    torch.save({"state": _Payload(marker)}, crafted)
+    _rewrite_marker(newest)
+    assert ckpt.verify_checkpoint(newest) is True  # the manifest cannot tell: it was rewritten too
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(two_step_recipe(tiny_model_dir, synth_dir, run_copy).to_yaml())
+    before = _snapshot(run_copy)
+    assert main(["train", str(recipe), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(crafted) in err and "not loaded" in err and "Traceback" not in err
+    assert not marker.exists()
+    assert _snapshot(run_copy) == before  # refused before anything was written
+    # the control: the full unpickler, which the kit used to fall back to, does run it
+    torch.load(crafted, weights_only=False)
+    assert marker.exists()
+
+
+def test_rng_files_of_earlier_versions_are_read_safely_or_refused(run_copy):
+    import numpy as np
+
+    newest = run_copy / "checkpoints" / "step-000002"
+    (newest / "rng-rank0.safetensors").unlink()
+    state = ckpt.rng_state()
+    torch.save(state, newest / "rng-rank0.pt")  # the previous version: plain lists and a tensor
+    read = ckpt.read_rank_rng(newest, 0)
+    assert read["python"] == state["python"] and torch.equal(read["torch"], state["torch"])
+    old = dict(state, numpy=np.random.get_state())  # the first versions: a NumPy array, needs the full unpickler
+    torch.save(old, newest / "rng-rank0.pt")
+    with pytest.raises(ckpt.ResumeError) as err:
+        ckpt.read_rank_rng(newest, 0)
+    assert "rng-rank0.pt cannot be read without running code" in str(err.value) and "\n" not in str(err.value)
