@@ -41,9 +41,7 @@ def synth_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def engine_setup(tiny_model_dir, synth_dir):
-    """(processor, tiny 4-bit thinker with non-zero LoRA, 3 encoded prompts of different lengths, their PromptInputs)."""
+def _engine_parts(tiny_model_dir, synth_dir, attn_implementation):
     from echoink_lite.data import load_example, scan_split
     from echoink_lite.modeling import add_lora, load_processor, load_thinker
     from echoink_lite.prompting import encode_example
@@ -51,7 +49,8 @@ def engine_setup(tiny_model_dir, synth_dir):
     from echoink_lite.thinker_forward import encode_prompts
 
     proc = load_processor(str(tiny_model_dir))
-    model = load_thinker(str(tiny_model_dir), dtype="float32", quantization=QuantizationSection(), device="cpu")
+    model = load_thinker(str(tiny_model_dir), dtype="float32", quantization=QuantizationSection(),
+                         attn_implementation=attn_implementation, device="cpu")
     model = add_lora(model, LoraSection(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False, seed=0)
     torch.manual_seed(1)
     for name, param in model.named_parameters():
@@ -64,6 +63,34 @@ def engine_setup(tiny_model_dir, synth_dir):
     assert len({e.length for e in encoded}) == 3
     prompts = encode_prompts(model, encoded, "cpu", torch.float32)
     return proc, model, encoded, prompts
+
+
+@pytest.fixture(scope="module")
+def engine_setup(tiny_model_dir, synth_dir):
+    """(processor, tiny 4-bit thinker with non-zero LoRA, 3 encoded prompts of different lengths, their PromptInputs)."""
+    return _engine_parts(tiny_model_dir, synth_dir, "sdpa")
+
+
+def accepted_attention_backends():
+    """Every `model.attn_implementation` the recipe accepts (its schema's values that validation does not refuse)."""
+    from typing import get_args
+
+    from echoink_lite.recipe import ModelSection, RecipeError, load_recipe
+
+    accepted = []
+    for name in get_args(ModelSection.model_fields["attn_implementation"].annotation):
+        try:
+            load_recipe(None, [f"model.attn_implementation={name}"])
+        except RecipeError:
+            continue
+        accepted.append(name)
+    return accepted
+
+
+@pytest.fixture(scope="module", params=accepted_attention_backends())
+def backend_setup(request, tiny_model_dir, synth_dir):
+    """`engine_setup` with the model loaded under each attention backend the recipe accepts."""
+    return _engine_parts(tiny_model_dir, synth_dir, request.param)
 
 
 def tiny_thinker_variant(tiny_model_dir, layers: int | None = None, hidden: int | None = None):

@@ -75,10 +75,12 @@ def _hf_greedy(model, proc, encoded, group, max_new, eos_id, suppress):
     return [c[: int(m.sum())].tolist() for c, m in zip(comp, mask)]
 
 
-def test_greedy_rollouts_are_token_identical_to_generate(engine_setup):
+def test_greedy_rollouts_are_token_identical_to_generate(backend_setup):
+    """Under every attention backend the recipe accepts: `generate` builds its own masks for the backend, the
+    engine builds them in attention.layer_mask."""
     from echoink_lite.modeling import multimodal_token_ids
 
-    proc, model, encoded, prompts = engine_setup
+    proc, model, encoded, prompts = backend_setup
     tok = proc.tokenizer
     max_new = 10
     unused = tok.convert_tokens_to_ids("<|VIDEO|>")
