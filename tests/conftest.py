@@ -93,6 +93,44 @@ def backend_setup(request, tiny_model_dir, synth_dir):
     return _engine_parts(tiny_model_dir, synth_dir, request.param)
 
 
+@pytest.fixture(scope="session")
+def eos_biased_model_dir(tiny_model_dir, synth_dir, tmp_path_factory):
+    """`tiny_model_dir` with lm_head rows that make sampled completions end at different lengths and that make
+    a multimodal marker likely. The random tiny model's logits are nearly flat (std ~0.2 over ~600 tokens), so
+    EOS (<|im_end|>) is drawn about once in 600 tokens and every completion hits the length cap. Here the
+    rows of <|im_end|> and <|IMAGE|> point along the mean of the final hidden states at the prompts' last
+    positions: at temperature 0.7 with top-k 50, EOS ends most completions within 8 tokens at varied
+    positions, and <|IMAGE|> would be drawn often if it were not suppressed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from echoink_lite.thinker_forward import CaptureKV, language_model, rope, run_layers
+
+    out = tmp_path_factory.mktemp("tiny-eos-biased") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    proc, model, _, prompts = _engine_parts(tiny_model_dir, synth_dir, "sdpa")
+    lm = language_model(model)
+    with torch.no_grad(), model.disable_adapter():
+        last = [run_layers(lm, pr.embeds[None], rope(lm, pr.embeds[None], pr.positions[:, None, :]), None, CaptureKV())[0, -8:]
+                for pr in prompts]
+    mean = torch.cat(last).mean(0)
+    direction = mean / mean.norm() ** 2  # logit = bias x (h . mean) / |mean|^2, about `bias` for typical h
+    rows = {proc.tokenizer.convert_tokens_to_ids("<|im_end|>"): 1.8, proc.tokenizer.convert_tokens_to_ids("<|IMAGE|>"): 3.0}
+    changed = 0
+    for f in out.glob("*.safetensors"):  # thinker-only (lm_head.weight) or full Omni (thinker.lm_head.weight)
+        tensors = load_file(str(f))
+        keys = [k for k in tensors if k.endswith("lm_head.weight")]
+        for key in keys:
+            for token, bias in rows.items():
+                tensors[key][token] = (bias * direction).to(tensors[key].dtype)
+        if keys:
+            save_file(tensors, str(f), metadata={"format": "pt"})
+            changed += len(keys)
+    assert changed == 1, f"expected one lm_head.weight in {tiny_model_dir}, changed {changed}"
+    return out
+
+
 def tiny_thinker_variant(tiny_model_dir, layers: int | None = None, hidden: int | None = None):
     """A tiny thinker in memory that differs from `tiny_model_dir` in depth (`layers`) or width (`hidden`)."""
     from transformers import AutoTokenizer, Qwen2_5OmniThinkerForConditionalGeneration
