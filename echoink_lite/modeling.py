@@ -27,6 +27,8 @@ import torch
 from transformers import Qwen2_5OmniProcessor
 from transformers.processing_utils import ProcessorMixin
 
+from .attention import refusal as attention_refusal
+
 # Multimodal markers a rollout must never sample: a sampled one crashes the loss forward over that completion
 # ("418 is not in list", index out of bounds), seen within a few GRPO steps on the tiny model.
 MULTIMODAL_TOKENS = ["<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>"]
@@ -244,8 +246,9 @@ def load_thinker(
 
     device = torch.device(device) if device is not None else default_device()
     cfg, _is_full = resolve_thinker_config(name_or_path, revision)
-    if attn_implementation == "flash_attention_2":
-        _check_flash_attention(dtype, device)
+    problem = attention_refusal(attn_implementation)  # flash_attention_2 until a GPU test proves the engine exact
+    if problem:
+        raise ModelLoadError(problem)
     tdtype = torch_dtype(dtype)
     qcfg = quantization_config(quantization, tdtype) if quantization is not None else None
     kw: dict[str, Any] = dict(
@@ -275,15 +278,6 @@ def load_thinker_from_recipe(recipe, device=None):
         m.name_or_path, revision=m.revision, dtype=m.dtype, quantization=recipe.quantization,
         attn_implementation=m.attn_implementation, device=device,
     )
-
-
-def _check_flash_attention(dtype: str, device: torch.device) -> None:
-    import importlib.util
-
-    if importlib.util.find_spec("flash_attn") is None:
-        raise ModelLoadError("model.attn_implementation=flash_attention_2 needs `pip install flash-attn`; or use sdpa")
-    if device.type != "cuda" or dtype == "float32":
-        raise ModelLoadError("flash_attention_2 needs a CUDA GPU and model.dtype bfloat16 or float16; use sdpa here")
 
 
 def _fix_bnb_cpu(model) -> None:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from .attention import refusal as attention_refusal
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the field and the fix."""
@@ -36,7 +38,7 @@ class ModelSection(_Section):
     name_or_path: str = Field("Qwen/Qwen2.5-Omni-7B", description="Hub id or local folder of a full Qwen2.5-Omni or a thinker-only checkpoint.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin the base weights.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Compute dtype of unquantized weights and activations; bfloat16 needs an Ampere+ GPU.")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel; flash_attention_2 is opt-in and needs the flash-attn package.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel: sdpa or eager, both exact (tests/test_attention_backends.py); flash_attention_2 is refused until a GPU test proves it.")
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward: much less memory, about 30% slower.")
 
 
@@ -159,6 +161,8 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _cross_field_checks(self, info: ValidationInfo) -> "Recipe":
         g = self.grpo
+        if attention_refusal(self.model.attn_implementation):
+            raise ValueError(attention_refusal(self.model.attn_implementation))
         if g.micro_batch_size < g.group_size and g.group_size % g.micro_batch_size:
             raise ValueError(
                 f"grpo.micro_batch_size={g.micro_batch_size} does not divide group_size={g.group_size}: a micro-batch "

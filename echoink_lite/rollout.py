@@ -68,22 +68,25 @@ class RolloutResult:
 # ---------------------------------------------------------------------------------------------------
 # Sampling (pure tensor code: no host sync, safe inside a CUDA graph)
 # ---------------------------------------------------------------------------------------------------
-def _candidates(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled values, vocab ids) of the tokens that survive top-k and top-p, -inf for the rest.
-    `logits` [B, V] fp32, suppressed tokens already -inf."""
+def _candidates(logits: torch.Tensor, p: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values, vocab ids or None) of the row after temperature, top-k and top-p: -inf for removed tokens.
+    `logits` [B, V] fp32, suppressed tokens already -inf. The ids are None when the values are in vocab order.
+
+    The same tensor operations as transformers' TemperatureLogitsWarper, TopKLogitsWarper and
+    TopPLogitsWarper (generation/logits_process.py), so the kept set is theirs also under ties, which
+    bf16-rounded logits have often: top-k keeps every token tied with the k-th value, and top-p sorts the
+    top-k-filtered row ascending with the same (unstable) `torch.sort`, so tokens tied at the top-p cut fall
+    on the same side as in transformers. One full-row sort, only when top-p is on (as TopPLogitsWarper)."""
     scaled = logits / p.temperature if p.temperature != 1.0 else logits
     if p.top_k and p.top_k < scaled.shape[-1]:
-        vals, idx = scaled.topk(p.top_k, dim=-1)  # descending
-        # transformers keeps every token tied with the k-th value; ties between float logits are negligible
-    else:
-        vals, idx = scaled.sort(dim=-1, descending=True)
-    if p.top_p < 1.0:
-        asc = vals.flip(-1)
-        cumulative = asc.softmax(-1).cumsum(-1)
-        remove = cumulative <= (1 - p.top_p)  # TopPLogitsWarper: ascending cumsum, keep at least one
-        remove[..., -1] = False
-        vals = vals.masked_fill(remove.flip(-1), float("-inf"))
-    return vals, idx
+        kth = scaled.topk(p.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if p.top_p >= 1.0:
+        return scaled, None
+    vals, idx = scaled.sort(dim=-1)  # ascending, as TopPLogitsWarper
+    remove = vals.softmax(-1).cumsum(-1) <= (1 - p.top_p)
+    remove[..., -1] = False  # keep at least one
+    return vals.masked_fill(remove, float("-inf")), idx
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -92,7 +95,8 @@ def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.suppress_ids:
         logits[:, list(p.suppress_ids)] = float("-inf")
     vals, idx = _candidates(logits, p)
-    return torch.zeros_like(logits).scatter(-1, idx, vals.softmax(-1))
+    probs = vals.softmax(-1)
+    return probs if idx is None else torch.zeros_like(probs).scatter(-1, idx, probs)
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, suppress: torch.Tensor | None,
@@ -108,8 +112,10 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, suppress: torch.Tensor 
     if p.do_sample:
         vals, idx = _candidates(logits, p)
         probs = vals.softmax(-1)
-        race = probs / torch.empty_like(probs).exponential_()
-        token = idx.gather(1, race.argmax(-1, keepdim=True)).squeeze(1)
+        # the race runs over the whole row (removed tokens have p = 0); a draw of exactly 0 would make 0/0 = NaN win
+        wait = torch.empty_like(probs).exponential_().clamp_min_(torch.finfo(probs.dtype).tiny)
+        race = (probs / wait).argmax(-1, keepdim=True)
+        token = (race if idx is None else idx.gather(1, race)).squeeze(1)
     else:
         token = logits.argmax(-1)
     return token, logp_all.gather(1, token.unsqueeze(1)).squeeze(1)

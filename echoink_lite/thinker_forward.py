@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .attention import layer_mask
 from .prompting import Encoded
 
 
@@ -101,8 +102,10 @@ def text_positions(start: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def run_layers(lm, hidden: torch.Tensor, position_embeddings, attention_mask, cache, checkpoint_layers: bool = False) -> torch.Tensor:
-    """The decoder layers and the final norm. `attention_mask`: None (causal) or a boolean [B|1, 1, q, kv]
-    (True = attend). `cache`: any object with `update(key, value, layer_idx)`, or None."""
+    """The decoder layers and the final norm. `attention_mask`: None (causal over these tokens alone) or a
+    boolean [B|1, 1, q, kv] (True = attend); attention.layer_mask puts it in the form the model's attention
+    backend reads. `cache`: any object with `update(key, value, layer_idx)`, or None."""
+    attention_mask = layer_mask(lm, attention_mask, hidden)
     for layer in lm.layers:
         if checkpoint_layers and torch.is_grad_enabled():
             hidden = checkpoint(layer, hidden, attention_mask=attention_mask, position_embeddings=position_embeddings,

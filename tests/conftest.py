@@ -41,9 +41,7 @@ def synth_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def engine_setup(tiny_model_dir, synth_dir):
-    """(processor, tiny 4-bit thinker with non-zero LoRA, 3 encoded prompts of different lengths, their PromptInputs)."""
+def _engine_parts(tiny_model_dir, synth_dir, attn_implementation):
     from echoink_lite.data import load_example, scan_split
     from echoink_lite.modeling import add_lora, load_processor, load_thinker
     from echoink_lite.prompting import encode_example
@@ -51,7 +49,8 @@ def engine_setup(tiny_model_dir, synth_dir):
     from echoink_lite.thinker_forward import encode_prompts
 
     proc = load_processor(str(tiny_model_dir))
-    model = load_thinker(str(tiny_model_dir), dtype="float32", quantization=QuantizationSection(), device="cpu")
+    model = load_thinker(str(tiny_model_dir), dtype="float32", quantization=QuantizationSection(),
+                         attn_implementation=attn_implementation, device="cpu")
     model = add_lora(model, LoraSection(r=4, alpha=8, dropout=0.0), gradient_checkpointing=False, seed=0)
     torch.manual_seed(1)
     for name, param in model.named_parameters():
@@ -64,6 +63,72 @@ def engine_setup(tiny_model_dir, synth_dir):
     assert len({e.length for e in encoded}) == 3
     prompts = encode_prompts(model, encoded, "cpu", torch.float32)
     return proc, model, encoded, prompts
+
+
+@pytest.fixture(scope="module")
+def engine_setup(tiny_model_dir, synth_dir):
+    """(processor, tiny 4-bit thinker with non-zero LoRA, 3 encoded prompts of different lengths, their PromptInputs)."""
+    return _engine_parts(tiny_model_dir, synth_dir, "sdpa")
+
+
+def accepted_attention_backends():
+    """Every `model.attn_implementation` the recipe accepts (its schema's values that validation does not refuse)."""
+    from typing import get_args
+
+    from echoink_lite.recipe import ModelSection, RecipeError, load_recipe
+
+    accepted = []
+    for name in get_args(ModelSection.model_fields["attn_implementation"].annotation):
+        try:
+            load_recipe(None, [f"model.attn_implementation={name}"])
+        except RecipeError:
+            continue
+        accepted.append(name)
+    return accepted
+
+
+@pytest.fixture(scope="module", params=accepted_attention_backends())
+def backend_setup(request, tiny_model_dir, synth_dir):
+    """`engine_setup` with the model loaded under each attention backend the recipe accepts."""
+    return _engine_parts(tiny_model_dir, synth_dir, request.param)
+
+
+@pytest.fixture(scope="session")
+def eos_biased_model_dir(tiny_model_dir, synth_dir, tmp_path_factory):
+    """`tiny_model_dir` with lm_head rows that make sampled completions end at different lengths and that make
+    a multimodal marker likely. The random tiny model's logits are nearly flat (std ~0.2 over ~600 tokens), so
+    EOS (<|im_end|>) is drawn about once in 600 tokens and every completion hits the length cap. Here the
+    rows of <|im_end|> and <|IMAGE|> point along the mean of the final hidden states at the prompts' last
+    positions: at temperature 0.7 with top-k 50, EOS ends most completions within 8 tokens at varied
+    positions, and <|IMAGE|> would be drawn often if it were not suppressed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from echoink_lite.thinker_forward import CaptureKV, language_model, rope, run_layers
+
+    out = tmp_path_factory.mktemp("tiny-eos-biased") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    proc, model, _, prompts = _engine_parts(tiny_model_dir, synth_dir, "sdpa")
+    lm = language_model(model)
+    with torch.no_grad(), model.disable_adapter():
+        last = [run_layers(lm, pr.embeds[None], rope(lm, pr.embeds[None], pr.positions[:, None, :]), None, CaptureKV())[0, -8:]
+                for pr in prompts]
+    mean = torch.cat(last).mean(0)
+    direction = mean / mean.norm() ** 2  # logit = bias x (h . mean) / |mean|^2, about `bias` for typical h
+    rows = {proc.tokenizer.convert_tokens_to_ids("<|im_end|>"): 1.8, proc.tokenizer.convert_tokens_to_ids("<|IMAGE|>"): 3.0}
+    changed = 0
+    for f in out.glob("*.safetensors"):  # thinker-only (lm_head.weight) or full Omni (thinker.lm_head.weight)
+        tensors = load_file(str(f))
+        keys = [k for k in tensors if k.endswith("lm_head.weight")]
+        for key in keys:
+            for token, bias in rows.items():
+                tensors[key][token] = (bias * direction).to(tensors[key].dtype)
+        if keys:
+            save_file(tensors, str(f), metadata={"format": "pt"})
+            changed += len(keys)
+    assert changed == 1, f"expected one lm_head.weight in {tiny_model_dir}, changed {changed}"
+    return out
 
 
 def tiny_thinker_variant(tiny_model_dir, layers: int | None = None, hidden: int | None = None):

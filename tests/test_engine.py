@@ -1,5 +1,6 @@
 """Tower reuse and prefix sharing are exact: the loss pass equals the full thinker forward, and the rollout's
-log-probs equal the loss pass's for the same tokens. Also: the towers run once per prompt per step."""
+log-probs equal the loss pass's for the same tokens, under every attention backend the recipe accepts
+(`backend_setup` in conftest.py). Also: the towers run once per prompt per step."""
 
 import pytest
 import torch
@@ -27,8 +28,8 @@ def _pad(seqs, value):
 
 
 @pytest.mark.parametrize("checkpoint_layers", [False, True])
-def test_prefix_sharing_equals_the_full_forward_in_logps_and_lora_gradients(engine_setup, checkpoint_layers):
-    proc, model, encoded, prompts = engine_setup
+def test_prefix_sharing_equals_the_full_forward_in_logps_and_lora_gradients(backend_setup, checkpoint_layers):
+    proc, model, encoded, prompts = backend_setup
     torch.manual_seed(0)
     # three completions of different lengths for prompt 1 (right-padded, masked)
     comps = [torch.randint(5, 300, (n,)) for n in (7, 4, 6)]
@@ -53,8 +54,8 @@ def test_prefix_sharing_equals_the_full_forward_in_logps_and_lora_gradients(engi
         assert float((a - b).norm() / b.norm()) < 1e-4
 
 
-def test_rollout_logps_equal_the_loss_pass_logps(engine_setup):
-    proc, model, _, prompts = engine_setup
+def test_rollout_logps_equal_the_loss_pass_logps(backend_setup):
+    proc, model, _, prompts = backend_setup
     tok = proc.tokenizer
     p = SamplingParams(max_new_tokens=9, eos_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_id=tok.pad_token_id,
                        temperature=0.8, top_k=50, top_p=0.95)

@@ -47,14 +47,38 @@ def test_filtered_distribution_equals_transformers_processors(temperature, top_k
         assert (ours > 0).sum(-1).max() < 300 - len(suppress)  # the filters removed something
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 50, 0.95), (0.7, 50, 1.0), (1.0, 0, 0.95)])
+def test_filtered_distribution_equals_transformers_on_bf16_logits_with_ties(temperature, top_k, top_p):
+    """Vocab-sized rows rounded to bf16 (what lm_head gives in a bf16 run): many tokens tie with the k-th value
+    and at the top-p cut. transformers keeps every token tied with the k-th, and its top-p sort decides which
+    tied tokens fall on which side of the cut; the engine must keep the same set."""
+    g = torch.Generator().manual_seed(0)
+    vocab, rows = 152064, 64  # Qwen2.5-Omni-7B's vocabulary
+    logits = (torch.randn(rows, vocab, generator=g) * 3).bfloat16().float()
+    suppress = [3, 7, 151646]
+    p = SamplingParams(max_new_tokens=1, eos_id=0, pad_id=0, temperature=temperature, top_k=top_k, top_p=top_p,
+                       suppress_ids=tuple(suppress))
+    ours = filtered_probs(logits, p)
+    ref = hf_probs(logits, temperature, top_k, top_p, suppress)
+    if top_k:
+        scaled = logits / temperature
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        assert int(((scaled >= kth).sum(-1) > top_k).sum()) >= rows // 2, "too few rows tie at the k-th value"
+    assert torch.equal(ours > 0, ref > 0), "the kept tokens differ from transformers'"
+    torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
+    assert torch.all(ours[:, suppress] == 0)
+
+
 def test_sampler_draws_from_the_filtered_distribution_and_records_unfiltered_logps():
     torch.manual_seed(0)
-    row = torch.randn(1, 12) * 2
-    p = SamplingParams(max_new_tokens=1, eos_id=0, pad_id=0, temperature=0.8, top_k=6, top_p=0.9, suppress_ids=(1,))
+    # token 1 (suppressed) would be the likeliest; tokens 5 and 6 tie for 6th place, so top-k 6 keeps both
+    row = torch.tensor([[1.8, 4.0, 1.6, 1.4, 1.2, 1.0, 1.0, 0.5, 0.3, -1.0, -2.0, 2.0]])
+    p = SamplingParams(max_new_tokens=1, eos_id=0, pad_id=0, temperature=0.8, top_k=6, top_p=0.95, suppress_ids=(1,))
     n = 40000
     tokens, logps = sample_next(row.repeat(n, 1), p, torch.tensor([1]))
     freq = torch.bincount(tokens, minlength=12).float() / n
     expected = filtered_probs(row, p)[0]
+    assert (expected > 0).tolist() == [True, False, True, True, True, True, True] + [False] * 4 + [True]
     assert torch.all(freq[expected == 0] == 0), "a filtered-out or suppressed token was drawn"
     assert (freq - expected).abs().max() < 0.01
     # the recorded log-prob is the temperature-scaled, unfiltered one (what the loss pass computes)
@@ -75,10 +99,12 @@ def _hf_greedy(model, proc, encoded, group, max_new, eos_id, suppress):
     return [c[: int(m.sum())].tolist() for c, m in zip(comp, mask)]
 
 
-def test_greedy_rollouts_are_token_identical_to_generate(engine_setup):
+def test_greedy_rollouts_are_token_identical_to_generate(backend_setup):
+    """Under every attention backend the recipe accepts: `generate` builds its own masks for the backend, the
+    engine builds them in attention.layer_mask."""
     from echoink_lite.modeling import multimodal_token_ids
 
-    proc, model, encoded, prompts = engine_setup
+    proc, model, encoded, prompts = backend_setup
     tok = proc.tokenizer
     max_new = 10
     unused = tok.convert_tokens_to_ids("<|VIDEO|>")
