@@ -6,7 +6,9 @@ nobody has to solve the batch-size / num_generations divisibility puzzle by hand
 
 Why pydantic: unknown keys are errors (a typo in a key must not silently fall back to a default), every
 field carries a one-line description that `echoink-lite recipes explain` prints, and checks that involve
-several fields live next to the fields. Recipes are read with `yaml.safe_load` only.
+several fields live next to the fields. Fields are strict: `lora.r: true` or `lora.r: "16"` is an error, not
+r=1 or r=16 (an int is still a float). Recipes are read with PyYAML's safe loader only, made strict
+(strict_yaml.py: a repeated key is an error naming both lines; `1e-6` is a number).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from . import strict_yaml
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the field and the fix."""
@@ -28,8 +32,9 @@ class RecipeError(ValueError):
 
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` in any number (a learning rate, a reward weight) is an error here,
-    # not NaN losses a few steps into the run.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # not NaN losses a few steps into the run. strict=True: no coercion, so `lora.r: true` is not r=1, `16.5` is
+    # not 16 and "0.1" is not a number (pydantic's strict mode still takes an int for a float field).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
 
 class ModelSection(_Section):
@@ -325,10 +330,12 @@ def _suggest(key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _parse_value(text: str) -> Any:
-    # YAML scalars: numbers, booleans, null, lists and dicts written inline; safe loader only.
+def _parse_value(text: str, item: str = "") -> Any:
+    # YAML scalars: numbers, booleans, null, lists and dicts written inline; the strict safe loader only.
     try:
-        return yaml.safe_load(text)
+        return strict_yaml.load(text)
+    except (strict_yaml.DuplicateKeyError, strict_yaml.YamlTooDeepError) as err:
+        raise RecipeError(f"override '{item or text}': {str(err).removeprefix('line 1: ')}") from None
     except yaml.YAMLError:
         return text
 
@@ -349,7 +356,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(value, item)
     return data
 
 
@@ -359,6 +366,15 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{loc}'{_suggest(loc)}")
+        elif isinstance(e.get("input"), bool) and e["type"] in ("int_type", "float_type"):
+            lines.append(f"{loc}: expects a number, not a boolean (got {str(e['input']).lower()}); write the number")
+        elif e["type"] in ("int_type", "float_type") and not _finite_text(e.get("input")):
+            lines.append(f"{loc}: Input should be a finite number (got {e['input']!r})")
+        elif isinstance(e.get("input"), str) and e["type"] in ("int_type", "float_type", "bool_type"):
+            kind = "true or false" if e["type"] == "bool_type" else "a number"
+            lines.append(f"{loc}: expects {kind}, not the string {e['input']!r}; write it without quotes")
+        elif e["type"] == "string_type" and isinstance(e.get("input"), (int, float)):
+            lines.append(f"{loc}: expects text, got the number {e['input']!r}; put it in quotes")
         elif loc:
             lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
         else:
@@ -366,6 +382,14 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if len(lines) == 1:
         return f"{source}: invalid recipe: {lines[0]}"
     return f"{source}: invalid recipe:\n  - " + "\n  - ".join(lines)
+
+
+def _finite_text(value: Any) -> bool:
+    """False for a string that reads as inf or nan (`key=inf` on the command line)."""
+    try:
+        return not isinstance(value, str) or math.isfinite(float(value))
+    except ValueError:
+        return True
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", check_rewards: bool = True) -> Recipe:
@@ -392,7 +416,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise RecipeError(f"{p}: cannot read the recipe: {err.strerror or err}") from None
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml.load(text)
+    except strict_yaml.DuplicateKeyError as err:
+        raise RecipeError(f"{p}: {err}: a second one silently replaces the first; keep one and merge the two") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{p}: not valid YAML: {' '.join(str(err).split())}") from None
     if data is None or data == {}:
