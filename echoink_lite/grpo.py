@@ -43,7 +43,7 @@ from .distributed import Dist, setup_dist
 from .loss import completion_logps, group_advantages, grpo_loss
 from .metrics import MetricsWriter, plot_run
 from .modeling import add_lora, load_processor, load_thinker_from_recipe, multimodal_token_ids, torch_dtype
-from .preflight import check_memory_fits, preflight_longest_prompts
+from .preflight import check_memory_fits, host_memory_problem, preflight_longest_prompts
 from .progress import live_display, phase_progress
 from .prompting import Encoded, PromptTooLongError, encode_row
 from .recipe import Recipe
@@ -152,6 +152,11 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     if dst.main:
         console.print(f"preflight: longest prompt {longest} tokens (cap generation.max_prompt_tokens="
                       f"{recipe.generation.max_prompt_tokens})")
+    memory_problem = host_memory_problem(recipe, dst.device, prompt_tokens=longest or None)  # CPU only
+    if memory_problem and force:
+        note(f"{memory_problem} (continuing because --force)")
+    if not dst.all_ok(memory_problem is None or force):
+        raise TrainingError(f"{memory_problem or 'another process has too little host memory'}; --force tries anyway")
 
     # -- the first writes, after every check passed (with --overwrite, the earlier run moves aside) ----
     error = None

@@ -24,6 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from . import strict_yaml
+from .recipe_bounds import bound_problems
 
 
 class RecipeError(ValueError):
@@ -163,6 +164,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross_field_checks(self, info: ValidationInfo) -> "Recipe":
+        problems = bound_problems(self)  # absurd values (recipe_bounds.py) before any check that uses them
+        if problems:
+            raise ValueError("; ".join(problems))
         g = self.grpo
         if g.micro_batch_size < g.group_size and g.group_size % g.micro_batch_size:
             raise ValueError(
@@ -368,6 +372,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             lines.append(f"unknown key '{loc}'{_suggest(loc)}")
         elif isinstance(e.get("input"), bool) and e["type"] in ("int_type", "float_type"):
             lines.append(f"{loc}: expects a number, not a boolean (got {str(e['input']).lower()}); write the number")
+        elif e["type"] == "int_type" and isinstance(e.get("input"), float) and math.isfinite(e["input"]):
+            lines.append(f"{loc}: expects a whole number, got {e['input']!r}; write it without a decimal point or exponent")
         elif e["type"] in ("int_type", "float_type") and not _finite_text(e.get("input")):
             lines.append(f"{loc}: Input should be a finite number (got {e['input']!r})")
         elif isinstance(e.get("input"), str) and e["type"] in ("int_type", "float_type", "bool_type"):
