@@ -48,7 +48,9 @@ MISSING_FIELD = "missing_field"
 MISSING_FILE = "missing_file"
 BAD_AUDIO = "unreadable_audio"
 EMPTY_AUDIO = "empty_audio"
+NONFINITE_AUDIO = "nonfinite_audio"
 BAD_IMAGE = "unreadable_image"
+EMPTY_IMAGE = "empty_image"
 PATH_ESCAPE = "path_outside_split"
 BAD_SOLUTION = "solution_not_an_option"
 BAD_OPTIONS = "malformed_options"
@@ -62,8 +64,10 @@ REASONS = (
     MISSING_FILE,
     BAD_AUDIO,
     EMPTY_AUDIO,
+    NONFINITE_AUDIO,
     AUDIO_TOO_SHORT,
     BAD_IMAGE,
+    EMPTY_IMAGE,
     IMAGE_ASPECT_RATIO,
     PATH_ESCAPE,
     BAD_SOLUTION,
@@ -296,6 +300,30 @@ def audio_limit_problem(samples: int) -> str | None:
     )
 
 
+# The feature extractor's power spectrum is float32: a 400-sample Hann window (n_fft of Qwen2.5-Omni's
+# WhisperFeatureExtractor) sums to 200, so a window of samples at amplitude A has power up to (200 A)^2, which
+# overflows float32 (3.4e38) above A = 9.2e16 and turns the row's features into inf/NaN (measured: 9.22e16
+# on a constant signal). Decoded PCM lies in [-1, 1]; only a float file can hold such values.
+WHISPER_N_FFT = 400
+MAX_AUDIO_PEAK = math.sqrt(float(np.finfo(np.float32).max)) / (WHISPER_N_FFT / 2)
+
+
+def audio_sample_problem(samples: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> str | None:
+    """Why these decoded samples would give the model non-finite features, or None: NaN or inf samples (a
+    float WAV can hold them), or a peak so large that the feature extractor's spectrum overflows."""
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = int((~finite).sum())
+        first = int(np.argmin(finite))
+        return (f"holds {bad} NaN or infinite samples (the first at {first / sampling_rate:.3f} s), which make every "
+                "loss and gradient of its step non-finite")
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    if peak > MAX_AUDIO_PEAK:
+        return (f"peaks at {peak:.3g}, over {MAX_AUDIO_PEAK:.3g} where the processor's spectrogram overflows to "
+                "inf/NaN (decoded audio normally lies in [-1, 1])")
+    return None
+
+
 def image_limit_problem(width: int, height: int) -> str | None:
     """Why an image of this size (as the processor receives it) cannot go to the model, or None if it can."""
     ratio = max(width, height) / min(width, height)
@@ -448,6 +476,9 @@ def _check_media_files(
             f"{image_rel} under {split_dir} cannot be read as an image ({err});"
             " replace the file or remove the row"
         )
+    if 0 in size:
+        return EMPTY_IMAGE, (f"{image_rel} under {split_dir} is {size[0]}x{size[1]} pixels, an empty image;"
+                             " replace the file or remove the row")
     # With the paper's pixel caps; load_example checks the image at the caps in use.
     problem = image_limit_problem(*capped_image_size(*size))
     if problem:
@@ -573,6 +604,10 @@ def load_audio(
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+class EmptyImageError(ValueError):
+    """An image file that decodes to no pixels."""
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     # Transparent pixels go on white, as the Qwen image processor's convert_rgb does.
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -590,6 +625,8 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixel
     """
     with Image.open(path) as img:
         img.load()
+        if 0 in img.size:  # Pillow's own readers refuse such files; a plugin's may not
+            raise EmptyImageError(f"decodes to an empty image ({img.size[0]}x{img.size[1]} pixels)")
         rgb = _to_rgb(img)
     size = capped_image_size(rgb.width, rgb.height, max_pixels, min_pixels)
     if size != rgb.size:
@@ -621,11 +658,16 @@ def load_example(
         raise fail(BAD_AUDIO, f"{row.audio_path} cannot be decoded as audio ({err}); replace the file or remove the row") from err
     if audio.size == 0:
         raise fail(EMPTY_AUDIO, f"{row.audio_path} holds no audio samples; replace the file or remove the row")
+    problem = audio_sample_problem(audio)
+    if problem:
+        raise fail(NONFINITE_AUDIO, f"{row.audio_path} {problem}; replace the file or remove the row")
     problem = audio_limit_problem(audio.size)
     if problem:
         raise fail(AUDIO_TOO_SHORT, f"{row.audio_path} {problem}; replace the file or remove the row")
     try:
         image = load_image(row.image_path, max_pixels=max_pixels)
+    except EmptyImageError as err:
+        raise fail(EMPTY_IMAGE, f"{row.image_path} {err}; replace the file or remove the row") from err
     except Exception as err:
         raise fail(BAD_IMAGE, f"{row.image_path} cannot be decoded as an image ({err}); replace the file or remove the row") from err
     problem = image_limit_problem(*image.size)
