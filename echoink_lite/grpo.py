@@ -49,11 +49,16 @@ from .prompting import Encoded, PromptTooLongError, encode_row
 from .recipe import Recipe
 from .rewards import compute_rewards, resolve_rewards
 from .rollout import RolloutEngine, SamplingParams
+from .row_skips import SkipBudget, no_prompt_left, nonfinite_rows_note
 from .thinker_forward import disable_hf_checkpointing, encode_prompts
 
 
 class TrainingError(RuntimeError):
     """A run that had to stop; the message says where and which knobs to turn. Checkpoints are kept."""
+
+
+class RowsSkippedError(TrainingError):
+    """Too many rows of the run could not be loaded, or a step has no prompt left (row_skips.py)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -114,6 +119,7 @@ class Run:
     float_dtype: torch.dtype
     console: Any
     counters: dict[str, Any] = field(default_factory=dict)
+    skip_budget: SkipBudget | None = None  # when skipped rows stop the run (row_skips.py)
 
 
 def train(recipe: Recipe, resume: str | None = None, console=None, force: bool = False, overwrite: bool = False) -> TrainResult:
@@ -175,6 +181,9 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     for key in ("skipped_rows", "nonfinite_steps", "nonfinite_in_a_row", "warned_no_signal", "zero_reward_steps"):
         run.counters.setdefault(key, 0)
     run.counters.setdefault("bad_rows", [])
+    run.counters.setdefault("skip_reasons", {})
+    run.counters.setdefault("nonfinite_rows", [])
+    run.skip_budget = SkipBudget.for_run(scan, rows, recipe.data.max_bad_fraction)
     if resume_from is not None:
         ckpt.load_training_state(resume_from, run.model, run.optimizer, run.scheduler, dst.device, dst.rank)
         if dst.main:
@@ -211,6 +220,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
                         f"{run.counters['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient (last at "
                         f"step {step}). The weights of the last finite step are saved. Fix: lower schedule.learning_rate, "
                         "use model.dtype bfloat16 instead of float16, or lower schedule.max_grad_norm; then --resume auto."
+                        + nonfinite_rows_note(run.counters["nonfinite_rows"])
                     )
                 saver.maybe_save(step)
     finally:
@@ -288,6 +298,10 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
 
     # 5. update: all-reduce, clip, step (a non-finite step is skipped, the schedule still advances)
     update = _update(run, loss_sum)
+    if update["skipped_step"]:  # the rows of the current streak of non-finite steps, for the stop message
+        run.counters.setdefault("nonfinite_rows", []).append([str(r.problem_id) for r in rows])
+    else:
+        run.counters["nonfinite_rows"] = []
     t_loss = time.time() - t_loss
 
     # metrics summed over processes
@@ -352,9 +366,17 @@ def step_prompts(run: Run, step: int) -> tuple[list[Row], list[Encoded]]:
             bad.add(i)
             run.counters["bad_rows"].append(i)
             run.counters["skipped_rows"] += 1
+            reasons = run.counters.setdefault("skip_reasons", {})
+            reasons[err.reason] = reasons.get(err.reason, 0) + 1
             if dst.main:
-                run.console.print(f"[yellow]step {step + 1}: skipped ({err.reason}), replaced by the next row of the data "
-                                  f"order: {err}[/]", highlight=False, markup=False)
+                run.console.print(f"step {step + 1}: skipped ({err.reason}), replaced by the next row of the data "
+                                  f"order: {err}", style="yellow", highlight=False, markup=False)
+            problem = run.skip_budget and run.skip_budget.problem(run.counters["skipped_rows"], reasons)
+            if problem:  # all processes skip the same rows, so all stop here together
+                raise RowsSkippedError(f"step {step + 1}: {problem}")
+    if not chosen:
+        raise RowsSkippedError(f"step {step + 1}: " + no_prompt_left(run.counters["skipped_rows"],
+                                                                      run.counters.get("skip_reasons", {}), recipe.data.train))
     mine = chosen[dst.rank:: dst.world]
     return [r for r, _ in mine], [e for _, e in mine]
 
@@ -407,6 +429,11 @@ def _guarded_step(run: Run, step: int, saver: ckpt.Saver) -> dict[str, Any]:
     rng_at_step_start = ckpt.rng_state()
     try:
         return grpo_step(run, step)
+    except RowsSkippedError as err:
+        ckpt.set_rng_state(rng_at_step_start)
+        saver.save_if_new(step)
+        kept = f"The {step} finished steps are saved." if step else "No step had finished; nothing was saved."
+        raise RowsSkippedError(f"{err}. {kept}") from None
     except torch.cuda.OutOfMemoryError as err:
         run.optimizer.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng_at_step_start)
