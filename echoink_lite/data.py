@@ -228,10 +228,16 @@ def _read_items(source: Path) -> list[tuple[Any, str | None]]:
             except json.JSONDecodeError as err:
                 detail = f"line {line_no} of {source} is not valid JSON ({err.msg} at column {err.colno})"
                 items.append((None, detail + "; fix or remove the line"))
+            except RecursionError:
+                items.append((None, f"line {line_no} of {source} is nested too deeply to read (deeper than Python's "
+                                    "recursion limit); fix or remove the line"))
         return items
 
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{source} is nested too deeply to read (deeper than Python's recursion limit); an AVQA list is "
+                        "a list of flat objects: fix the file or re-download it") from None
     except json.JSONDecodeError as err:
         raise DataError(
             f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
