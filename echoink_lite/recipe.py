@@ -228,6 +228,9 @@ class Recipe(_Section):
             out["train_rows"] = n_train_rows
             out["steps_per_epoch"] = spe
             out["total_steps"] = min(total, self.schedule.max_steps) if self.schedule.max_steps else total
+            if out["total_steps"] < 1:  # a run of 0 steps would save an untrained adapter and say "done"
+                raise RecipeError(f"schedule.epochs={self.schedule.epochs:g} of {n_train_rows} training rows at "
+                                  f"{g.prompts_per_step} prompts per step makes 0 optimizer steps; raise schedule.epochs")
         return out
 
     def train_rows(self) -> tuple[int | None, str]:
@@ -413,7 +416,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise RecipeError(f"{p} is a folder, not a recipe file; pass a .yaml file such as recipes/paper_24gb.yaml")
     if not p.is_file():
-        raise RecipeError(f"recipe file {p} does not exist; see recipes/ for examples")
+        what = "is not a regular file" if p.exists() else "does not exist"
+        raise RecipeError(f"recipe file {p} {what}; see recipes/ for examples")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:

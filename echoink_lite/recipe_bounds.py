@@ -51,6 +51,12 @@ WHY = {
 }
 
 
+# The projections of a Qwen2.5-Omni thinker decoder layer (Qwen2 attention and MLP); modeling.add_lora puts LoRA
+# on these names inside the language model's layers only, and PEFT raises a traceback for a name that matches
+# nothing there.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def _value(recipe: Any, key: str) -> Any:
     node = recipe
     for part in key.split("."):
@@ -59,7 +65,8 @@ def _value(recipe: Any, key: str) -> Any:
 
 
 def bound_problems(recipe: Any) -> list[str]:
-    """One message per value of `recipe` outside BOUNDS, and a prompt + completion over the context."""
+    """One message per value of `recipe` outside BOUNDS, a prompt + completion over the context, LoRA targets
+    that are not the language model's projections, and rewards that are all weighted 0 (a run on nothing)."""
     problems = []
     for key, (low, high, what) in BOUNDS.items():
         value = _value(recipe, key)
@@ -71,6 +78,14 @@ def bound_problems(recipe: Any) -> list[str]:
         elif low is not None and value < low:
             why = WHY.get((key, "low"), "")
             problems.append(f"{key}={value:g} is under its limit {low:g}, {what}{': ' + why if why else ''}; raise it")
+    unknown = [t for t in recipe.lora.target_modules if t not in LORA_TARGETS]
+    if unknown or not recipe.lora.target_modules:
+        what = f"names {', '.join(map(repr, unknown))}, which are not" if unknown else "is empty; list some of"
+        problems.append(f"lora.target_modules {what} the language model's projections ({', '.join(LORA_TARGETS)}); "
+                        "the towers never get LoRA")
+    if recipe.grpo.rewards and not any(recipe.grpo.rewards.values()):
+        problems.append("every weight in grpo.rewards is 0: every completion gets reward 0 and no step learns anything; "
+                        "give at least one reward a weight, e.g. {accuracy: 1.0, format: 1.0}")
     gen = recipe.generation
     if not problems and gen.max_prompt_tokens + gen.max_completion_tokens > CONTEXT_TOKENS:
         problems.append(f"generation.max_prompt_tokens={gen.max_prompt_tokens} + generation.max_completion_tokens="

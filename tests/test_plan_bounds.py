@@ -107,3 +107,31 @@ def test_train_on_a_cpu_refuses_a_run_the_memory_cannot_hold(tiny_model_dir, syn
     msg = str(err.value)
     assert "GiB of host memory" in msg and "a test limit" in msg and "lower grpo.rollout_batch_size=8192" in msg
     assert "--force" in msg and not loaded and not out.exists()
+
+
+@pytest.mark.parametrize("override, words", [
+    ("lora.target_modules=[]", "lora.target_modules is empty; list some of the language model's projections"),
+    ("lora.target_modules=[q_proj, audio_tower]", "lora.target_modules names 'audio_tower', which are not"),
+    ("grpo.rewards={accuracy: 0, format: 0}", "every weight in grpo.rewards is 0"),
+])
+def test_recipes_that_would_train_nothing_are_refused(override, words):
+    """An empty or unknown LoRA target ended in PEFT's traceback after the model loaded; all-zero reward weights
+    trained on advantages that are all 0."""
+    with pytest.raises(RecipeError, match=words):
+        load_recipe(RECIPES / "tiny_cpu.yaml", [override])
+
+
+def test_a_schedule_of_zero_steps_is_refused_before_anything_is_written(synth_dir, tmp_path, capsys):
+    """`schedule.epochs=1e-9` gave "done: 0 steps", exit 0 and an untrained adapter."""
+    over = [f"data.train={synth_dir / 'train'}", "schedule.epochs=1e-9", f"checkpoint.output_dir={tmp_path / 'run'}"]
+    assert main(["recipes", "validate", str(RECIPES / "tiny_cpu.yaml"), *over]) == 1
+    assert "tiny_cpu.yaml: schedule.epochs=1e-09 of 16 training rows at 8 prompts per step makes 0 optimizer steps" \
+        in " ".join(capsys.readouterr().out.split())
+    assert main(["train", str(RECIPES / "tiny_cpu.yaml"), *over]) == 2
+    assert "makes 0 optimizer steps; raise schedule.epochs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_device_is_not_a_recipe_file(capsys):
+    assert main(["recipes", "validate", "/dev/null"]) == 1
+    assert "recipe file /dev/null is not a regular file" in capsys.readouterr().out
