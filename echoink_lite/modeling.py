@@ -146,7 +146,8 @@ def resolve_thinker_config(name_or_path: str, revision: str | None = None):
     kw: dict[str, Any] = {"revision": revision} if revision else {}
     try:
         cfg = AutoConfig.from_pretrained(name_or_path, **kw)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, ValueError, and huggingface_hub's StrictDataclassError for bad field values
+        err = " ".join(str(err).split()) or type(err).__name__
         raise ModelLoadError(
             f"cannot read the config of '{name_or_path}': {err}\n"
             "Fix: pass a folder with config.json (a Qwen2.5-Omni or thinker checkpoint) or a Hub id while online."

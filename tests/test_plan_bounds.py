@@ -135,3 +135,21 @@ def test_a_schedule_of_zero_steps_is_refused_before_anything_is_written(synth_di
 def test_a_device_is_not_a_recipe_file(capsys):
     assert main(["recipes", "validate", "/dev/null"]) == 1
     assert "recipe file /dev/null is not a regular file" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("num_attention_heads", 0, "the model config's text_config.num_attention_heads is 0; sizes are whole numbers"),
+    ("vocab_size", -5, "text_config.vocab_size is -5"),  # used to "fit"
+    ("num_hidden_layers", -3, "cannot read the config of"),  # transformers' own check (huggingface_hub's error type)
+])
+def test_plan_on_a_corrupted_model_config_is_an_error_not_a_traceback(tiny_model_dir, tmp_path, capsys, key, value, words):
+    import json
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    (cfg.get("text_config") or cfg)[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert main(["plan", str(RECIPES / "tiny_cpu.yaml"), f"model.name_or_path={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
