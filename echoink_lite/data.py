@@ -231,6 +231,9 @@ def _read_items(source: Path) -> list[tuple[Any, str | None]]:
             except RecursionError:
                 items.append((None, f"line {line_no} of {source} is nested too deeply to read (deeper than Python's "
                                     "recursion limit); fix or remove the line"))
+            except ValueError as err:  # json's own limits, e.g. an integer of more than 4300 digits
+                items.append((None, f"line {line_no} of {source} cannot be read ({' '.join(str(err).split())[:200]}); "
+                                    "fix or remove the line"))
         return items
 
     try:
@@ -243,6 +246,8 @@ def _read_items(source: Path) -> list[tuple[Any, str | None]]:
             f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
             "fix the file (an unfinished download is a common cause) or re-download it"
         ) from err
+    except ValueError as err:  # json's own limits, e.g. an integer of more than 4300 digits
+        raise DataError(f"{source} cannot be read as JSON ({' '.join(str(err).split())[:200]}); fix the file") from None
     if not isinstance(data, list):
         raise DataError(
             f"{source} holds a JSON {type(data).__name__}, expected a list of items; pass the AVQA-style list file"
@@ -429,32 +434,42 @@ def _answer_letter(solution: str) -> str:
     return extracted if extracted is not None else solution.strip()
 
 
-def _resolve_media(split_dir: Path, rel: str, name: str) -> tuple[Path | None, str]:
-    """(absolute path, "") if ``rel`` stays inside the split folder, else (None, detail).
+def _resolve_media(split_dir: Path, rel: str, name: str) -> tuple[Path | None, str, str]:
+    """(absolute path, "", "") if ``rel`` stays inside the split folder, else (None, reason, detail).
 
     A safety rule: a data file must never make us open /etc/passwd or ../../secret.wav, so absolute
     paths and anything that resolves (symlinks included) outside the split folder are refused unopened.
     """
     rel_path = Path(rel)
     if rel_path.is_absolute():
-        return None, (
+        return None, PATH_ESCAPE, (
             f"field 'path.{name}' is the absolute path {rel!r};"
             f" make it relative to {split_dir} and keep the file inside it"
         )
-    resolved = (split_dir / rel_path).resolve()
+    try:
+        resolved = (split_dir / rel_path).resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a NUL byte, a name too long
+        return None, MISSING_FILE, (f"field 'path.{name}' {rel!r} cannot be resolved under {split_dir} "
+                                    f"({' '.join(str(err).split())}); fix the path or remove the row")
     if not resolved.is_relative_to(split_dir):
-        return None, (
+        return None, PATH_ESCAPE, (
             f"field 'path.{name}' {rel!r} points outside {split_dir};"
             " move the file into the split folder and fix the path"
         )
-    return resolved, ""
+    if resolved == split_dir:
+        return None, MISSING_FILE, f"field 'path.{name}' {rel!r} names the split folder itself; fix the path or remove the row"
+    return resolved, "", ""
 
 
 def _check_media_files(
     split_dir: Path, image_rel: str, image: Path, audio_rel: str, audio: Path, open_media: bool
 ) -> tuple[str, str] | None:
     for rel, path in ((image_rel, image), (audio_rel, audio)):
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError as err:  # a name too long for the file system
+            return MISSING_FILE, f"{rel[:80]!r} cannot be opened under {split_dir} ({err.strerror}); fix the path or remove the row"
+        if not is_file:
             return MISSING_FILE, f"{rel} does not exist under {split_dir}; fix the path or remove the row"
     if not open_media:
         return None
@@ -540,13 +555,13 @@ def scan_split(path: str | Path, open_media: bool = True) -> SplitScan:
         seen_ids[key] = index
 
         image_rel, audio_rel = item["path"]["image"], item["path"]["audio"]
-        image_path, detail = _resolve_media(split_dir, image_rel, "image")
+        image_path, reason, detail = _resolve_media(split_dir, image_rel, "image")
         if image_path is None:
-            reject(PATH_ESCAPE, detail)
+            reject(reason, detail)
             continue
-        audio_path, detail = _resolve_media(split_dir, audio_rel, "audio")
+        audio_path, reason, detail = _resolve_media(split_dir, audio_rel, "audio")
         if audio_path is None:
-            reject(PATH_ESCAPE, detail)
+            reject(reason, detail)
             continue
         problem = _check_media_files(split_dir, image_rel, image_path, audio_rel, audio_path, open_media)
         if problem:

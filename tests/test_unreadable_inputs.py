@@ -106,3 +106,34 @@ def test_a_deeply_nested_adapter_config_is_one_line(adapter, tmp_path):
     (bad / "adapter_config.json").write_text(DEEP)
     with pytest.raises(AdapterError, match="adapter_config.json is nested too deeply"):
         read_adapter_config(bad)
+
+
+def test_odd_media_paths_are_rejected_rows_not_tracebacks(synth_dir, tmp_path):
+    """A symlink loop, a NUL byte, a name too long for the file system: pathlib raises RuntimeError,
+    ValueError or OSError for these, which used to end `data check` and training's scan in a traceback."""
+    split = tmp_path / "valid"
+    shutil.copytree(synth_dir / "valid", split)
+    (split / "images" / "loop1").symlink_to("loop2")
+    (split / "images" / "loop2").symlink_to("loop1")
+    list_file = split / "omni_rl_format_valid.json"
+    rows = json.loads(list_file.read_text())
+    rows[0]["path"]["image"] = "images/loop1"
+    rows[1]["path"]["audio"] = "audios/a\u0000b.wav"
+    rows[2]["path"]["image"] = "images/" + "x" * 300 + ".png"
+    list_file.write_text(json.dumps(rows))
+    scan = scan_split(split)
+    assert [(r.index, r.reason) for r in scan.rejects] == [(0, "missing_file"), (1, "missing_file"), (2, "missing_file")]
+    assert "Symlink loop" in scan.rejects[0].detail and "null byte" in scan.rejects[1].detail
+    assert "File name too long" in scan.rejects[2].detail and len(scan.rows) == 5
+
+
+def test_an_integer_past_pythons_digit_limit_is_one_line(tmp_path):
+    big = "1" + "0" * 5000  # json raises ValueError (not JSONDecodeError) past 4300 digits
+    (tmp_path / "rows.jsonl").write_text('{"problem_id": ' + big + "}\n")
+    scan = scan_split(tmp_path / "rows.jsonl")
+    assert scan.rejects[0].reason == BAD_JSON and "cannot be read" in scan.rejects[0].detail
+    split = tmp_path / "train"
+    split.mkdir()
+    (split / "omni_rl_format_train.json").write_text("[" + big + "]")
+    with pytest.raises(DataError, match="cannot be read as JSON"):
+        scan_split(split)
