@@ -527,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     from .jsonl import JsonlError
     from .modeling import ModelLoadError, configure_torch_threads
     from .recipe import RecipeError
+    from .rewards import RewardError
 
     try:
         configure_torch_threads()  # ECHOINK_THREADS, else OMP_NUM_THREADS, else the usable CPUs
@@ -535,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, DataError, CheckpointError, JsonlError, TrainingError, ModelLoadError) as err:
+    except (RecipeError, DataError, CheckpointError, JsonlError, TrainingError, ModelLoadError, RewardError) as err:
         print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

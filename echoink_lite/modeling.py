@@ -101,7 +101,8 @@ def load_processor(name_or_path: str, revision: str | None = None, max_pixels: i
                 image_processor=image_processor, feature_extractor=feature_extractor, tokenizer=tokenizer,
                 chat_template=tokenizer.chat_template or _read_chat_template(name_or_path),
             )
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a folder without tokenizer files ("Couldn't instantiate ...")
+        err = " ".join(str(err).split())
         raise ModelLoadError(
             f"cannot load the processor of '{name_or_path}': {err}\n"
             "Fix: pass a local folder that holds the tokenizer and processor files, or a Hub id while online."

@@ -15,6 +15,7 @@ from echoink_lite.cli import main
 from echoink_lite.data import BAD_JSON, DataError, scan_split
 from echoink_lite.jsonl import JsonlError, read_jsonl
 
+RECIPES_DIR = __import__("pathlib").Path(__file__).resolve().parents[1] / "recipes"
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
@@ -137,3 +138,28 @@ def test_an_integer_past_pythons_digit_limit_is_one_line(tmp_path):
     (split / "omni_rl_format_train.json").write_text("[" + big + "]")
     with pytest.raises(DataError, match="cannot be read as JSON"):
         scan_split(split)
+
+
+def test_a_reward_function_that_raises_is_named_in_one_line(tiny_model_dir, synth_dir, tmp_path, capsys):
+    """A user's reward with the wrong signature ended the run in its own traceback at step 1."""
+    from echoink_lite.rewards import RewardError, compute_rewards, resolve_rewards
+
+    with pytest.raises(RewardError, match=r"reward 'json:loads' failed: TypeError: .* fix the function"):
+        compute_rewards(resolve_rewards({"json:loads": 1.0}), ["a"], solution=["A"])
+    recipe = str(RECIPES_DIR / "tiny_cpu.yaml")
+    assert main(["train", recipe, f"model.name_or_path={tiny_model_dir}", f"data.train={synth_dir / 'train'}",
+                 "data.valid=null", f"checkpoint.output_dir={tmp_path / 'run'}", "schedule.max_steps=1",
+                 "grpo.prompts_per_step=2", "grpo.group_size=2", "grpo.micro_batch_size=2", "grpo.rollout_batch_size=2",
+                 "generation.max_completion_tokens=4", "grpo.rewards={json:loads: 1.0}", "logging.progress=false"]) == 2
+    err = capsys.readouterr().err
+    assert "echoink-lite train: error: reward 'json:loads' failed: TypeError" in err and "Traceback" not in err
+
+
+def test_a_model_folder_without_tokenizer_files_is_one_line(tiny_model_dir, tmp_path):
+    from echoink_lite.modeling import ModelLoadError, load_processor
+
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    with pytest.raises(ModelLoadError, match="cannot load the processor of"):
+        load_processor(str(folder))
