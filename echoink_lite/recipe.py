@@ -219,6 +219,10 @@ class Recipe(_Section):
             "rollout_tokens_budget": completions * self.generation.max_completion_tokens,
             "world_size": world_size,
         }
+        if n_train_rows is not None and 0 < n_train_rows < g.prompts_per_step:  # a step would repeat prompts, and
+            # the loop takes each row once per step: steps of fewer prompts than asked, without a word
+            raise RecipeError(f"grpo.prompts_per_step={g.prompts_per_step} is more than the {n_train_rows} usable training "
+                              f"rows; lower it to at most {n_train_rows}")
         if n_train_rows is not None:
             # Each epoch is its own permutation cut into steps; its last step takes the prompts left over and is
             # filled up with the epoch's first ones (as the original's data loader: grpo.data_schedule).

@@ -153,3 +153,11 @@ def test_plan_on_a_corrupted_model_config_is_an_error_not_a_traceback(tiny_model
     assert main(["plan", str(RECIPES / "tiny_cpu.yaml"), f"model.name_or_path={folder}"]) == 2
     err = capsys.readouterr().err
     assert words in err and "Traceback" not in err
+
+
+def test_more_prompts_per_step_than_rows_is_refused(synth_dir, capsys):
+    """16 rows at 64 prompts per step gave steps of 16 prompts (each row once per step) under a plan of 64."""
+    assert main(["recipes", "validate", str(RECIPES / "tiny_cpu.yaml"), f"data.train={synth_dir / 'train'}",
+                 "grpo.prompts_per_step=64"]) == 1
+    assert "grpo.prompts_per_step=64 is more than the 16 usable training rows; lower it to at most 16" in \
+        " ".join(capsys.readouterr().out.split())
