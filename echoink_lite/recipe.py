@@ -70,7 +70,7 @@ class DataSection(_Section):
     valid: str | None = Field("data/avqa/valid", description="Validation split (same forms as `train`); None to skip.")
     max_audio_seconds: float = Field(10.0, gt=0, description="Audio is cut to its first N seconds (25 audio tokens per second); higher = longer prompts.")
     max_pixels: int = Field(256 * 28 * 28, ge=4 * 28 * 28, description="Image pixel cap; 28*28 pixels = one visual token, so 256*28*28 = at most 256 tokens.")
-    max_bad_fraction: float = Field(0.02, ge=0.0, le=1.0, description="Stop before training if more than this fraction of rows fail the data checks.")
+    max_bad_fraction: float = Field(0.02, ge=0.0, le=1.0, description="Stop if more than this fraction of rows is unusable: before training (the scan), and during it counting rows skipped when loaded.")
     limit_train_rows: int | None = Field(None, ge=1, description="Use only the first N usable training rows (quick trials).")
     limit_valid_rows: int | None = Field(None, ge=1, description="Use only the first N usable validation rows.")
 
