@@ -12,7 +12,6 @@ without the GPU-only CUDA context and allocator reserve) with what the process m
 
 from __future__ import annotations
 
-import os
 import resource
 from pathlib import Path
 
