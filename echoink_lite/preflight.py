@@ -6,7 +6,7 @@ read or encoded are not judged here: the training loop skips, counts and replace
 
 On a CPU, torch's allocator does not raise an out-of-memory error the run can report: a decode batch too
 large for the machine (or for `ulimit -v`, or a container's limit) ends in a traceback from
-`DefaultCPUAllocator` at step 1. `check_host_memory` compares the planner's estimate (memory_estimate.py,
+`DefaultCPUAllocator` at step 1. `host_memory_problem` compares the planner's estimate (memory_estimate.py,
 without the GPU-only CUDA context and allocator reserve) with what the process may still allocate, first.
 """
 
