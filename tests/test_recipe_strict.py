@@ -62,7 +62,7 @@ def test_booleans_are_not_numbers(tmp_path, text, overrides, key):
 
 @pytest.mark.parametrize("data, key, words", [
     ({"lora": {"r": True}}, "lora.r", "not a boolean"),
-    ({"lora": {"r": 16.5}}, "lora.r", "valid integer"),
+    ({"lora": {"r": 16.5}}, "lora.r", "expects a whole number, got 16.5"),
     ({"lora": {"r": "16"}}, "lora.r", "not the string '16'"),
     ({"schedule": {"learning_rate": "0.1"}}, "schedule.learning_rate", "not the string '0.1'"),
     ({"model": {"gradient_checkpointing": 1}}, "model.gradient_checkpointing", "valid boolean"),
