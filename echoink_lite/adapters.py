@@ -71,6 +71,8 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
         config = json.loads(cfg_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{cfg_file} is not valid JSON ({err}). Fix: restore the file from the run folder.") from None
+    except RecursionError:
+        raise AdapterError(f"{cfg_file} is nested too deeply to read. Fix: restore the file from the run folder.") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{cfg_file} holds no JSON object. Fix: restore the file from the run folder.")
     if not (path / ADAPTER_WEIGHTS).is_file():
@@ -98,7 +100,7 @@ def lora_shapes(adapter_dir: str | Path) -> dict[str, LoraShape]:
     from safetensors import safe_open
 
     path = Path(adapter_dir)
-    read_adapter_config(path)
+    config = read_adapter_config(path)
     weights = path / ADAPTER_WEIGHTS
     parts: dict[str, dict[str, list[int]]] = {}
     other: list[str] = []
@@ -118,6 +120,7 @@ def lora_shapes(adapter_dir: str | Path) -> dict[str, LoraShape]:
                            "adapters are plain LoRA. Fix: pass an adapter trained by echoink-lite.")
     if not parts:
         raise AdapterError(f"{weights} holds no LoRA weights. Fix: pass an adapter saved by a training run.")
+    r0, _, rank_pattern, _ = lora_settings(config, path)
     shapes: dict[str, LoraShape] = {}
     for module, ab in sorted(parts.items()):
         if set(ab) != {"A", "B"}:
@@ -127,7 +130,28 @@ def lora_shapes(adapter_dir: str | Path) -> dict[str, LoraShape]:
         if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
             raise AdapterError(f"{weights}: module '{module}': lora_A {a} and lora_B {b} do not form B @ A.")
         shapes[module] = LoraShape(out_features=b[0], in_features=a[1], rank=a[0])
+        # PEFT builds each LoRA layer with the config's rank, then fails in load_state_dict with a size-mismatch
+        # traceback per tensor; every command that reads an adapter comes through here first.
+        r = _pattern_value(rank_pattern, module, r0)
+        if a[0] != r:
+            raise AdapterError(f"{weights}: module '{module}' has rank {a[0]} but {ADAPTER_CONFIG} says r={r}. Fix: "
+                               f"restore {ADAPTER_CONFIG} from the run that saved these weights (its r must be {a[0]}).")
     return shapes
+
+
+def lora_settings(config: dict[str, Any], path: Path) -> tuple[int, float, dict[str, Any], dict[str, Any]]:
+    """(r, lora_alpha, rank_pattern, alpha_pattern) of an adapter_config.json, checked to be numbers."""
+    r0, alpha0 = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    ranks_ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in [r0, *dict(rank_pattern).values()]) \
+        if isinstance(rank_pattern, dict) else False
+    alphas_ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                    for v in [alpha0, *dict(alpha_pattern).values()]) if isinstance(alpha_pattern, dict) else False
+    if not (ranks_ok and alphas_ok):
+        raise AdapterError(f"{path / ADAPTER_CONFIG}: r={r0!r}, lora_alpha={alpha0!r}, rank_pattern={rank_pattern!r} or "
+                           f"alpha_pattern={alpha_pattern!r} is not a valid LoRA setting (ranks are whole numbers >= 1, "
+                           "alphas finite numbers). Fix: restore the file from the run folder.")
+    return r0, float(alpha0), rank_pattern, alpha_pattern
 
 
 def adapter_content_hash(adapter_dir: str | Path) -> str:
@@ -424,14 +448,11 @@ def read_adapter(adapter_dir: str | Path) -> Adapter:
             m = _LORA_KEY.match(key)
             tensors.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(key)
 
-    r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    r0, alpha0, rank_pattern, alpha_pattern = lora_settings(config, path)
     modules: dict[str, LoraModule] = {}
-    for module, shape in shapes.items():
+    for module, shape in shapes.items():  # lora_shapes checked each rank against the config
         r = _pattern_value(rank_pattern, module, r0)
         alpha = float(_pattern_value(alpha_pattern, module, alpha0))
-        if shape.rank != r:
-            raise AdapterError(f"{path / ADAPTER_WEIGHTS}: module '{module}' has rank {shape.rank} but {ADAPTER_CONFIG} says r={r}")
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         modules[module] = LoraModule(module, tensors[module]["A"], tensors[module]["B"], scale)
     return Adapter(path, config, modules)

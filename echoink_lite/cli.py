@@ -109,9 +109,12 @@ def cmd_recipes_validate(args) -> int:
         try:
             r = load_recipe(path, args.overrides)
             d = r.derived()
+            rows, note = r.train_rows()
+            n = r.derived(rows) if rows is not None else None  # refuses a schedule of 0 steps
         except RecipeError as err:
             failed += 1
-            console.print(f"[red]invalid[/] {escape(str(err))}")
+            message = str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
+            console.print(f"[red]invalid[/] {escape(message)}")
             continue
         g, s = r.grpo, r.schedule
         micro = min(g.micro_batch_size, g.group_size)
@@ -119,12 +122,10 @@ def cmd_recipes_validate(args) -> int:
                       f"{d['completions_per_step']} completions/step in {d['micro_batches_per_step']} micro-batches "
                       f"of up to {micro} (one group each), {d['decode_batches_per_step']} decode batch(es)/step")
         cap = f", at most schedule.max_steps={s.max_steps}" if s.max_steps else ""
-        rows, note = r.train_rows()
-        if rows is None:
+        if n is None:
             console.print(f"   steps: {s.epochs:g} epoch(s) x ceil(training rows / {g.prompts_per_step} prompts){cap}; "
                           f"not counted: {escape(note)}")
         else:
-            n = r.derived(rows)
             console.print(f"   steps: {n['total_steps']} ({n['steps_per_epoch']} per epoch x {s.epochs:g} epoch(s){cap}); "
                           f"{escape(note)}")
     return 1 if failed else 0
@@ -545,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     from .jsonl import JsonlError
     from .modeling import ModelLoadError, configure_torch_threads
     from .recipe import RecipeError
+    from .rewards import RewardError
     from .safe_output import OutputError
 
     try:
@@ -554,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (RecipeError, DataError, CheckpointError, JsonlError, TrainingError, ModelLoadError, OutputError) as err:
+    except (RecipeError, DataError, CheckpointError, JsonlError, TrainingError, ModelLoadError, OutputError,
+            RewardError) as err:
         print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -47,7 +47,9 @@ MISSING_FIELD = "missing_field"
 MISSING_FILE = "missing_file"
 BAD_AUDIO = "unreadable_audio"
 EMPTY_AUDIO = "empty_audio"
+NONFINITE_AUDIO = "nonfinite_audio"
 BAD_IMAGE = "unreadable_image"
+EMPTY_IMAGE = "empty_image"
 PATH_ESCAPE = "path_outside_split"
 BAD_SOLUTION = "solution_not_an_option"
 BAD_OPTIONS = "malformed_options"
@@ -61,8 +63,10 @@ REASONS = (
     MISSING_FILE,
     BAD_AUDIO,
     EMPTY_AUDIO,
+    NONFINITE_AUDIO,
     AUDIO_TOO_SHORT,
     BAD_IMAGE,
+    EMPTY_IMAGE,
     IMAGE_ASPECT_RATIO,
     PATH_ESCAPE,
     BAD_SOLUTION,
@@ -227,15 +231,26 @@ def _read_items(source: Path) -> list[tuple[Any, str | None]]:
             except json.JSONDecodeError as err:
                 detail = f"line {line_no} of {source} is not valid JSON ({err.msg} at column {err.colno})"
                 items.append((None, detail + "; fix or remove the line"))
+            except RecursionError:
+                items.append((None, f"line {line_no} of {source} is nested too deeply to read (deeper than Python's "
+                                    "recursion limit); fix or remove the line"))
+            except ValueError as err:  # json's own limits, e.g. an integer of more than 4300 digits
+                items.append((None, f"line {line_no} of {source} cannot be read ({' '.join(str(err).split())[:200]}); "
+                                    "fix or remove the line"))
         return items
 
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{source} is nested too deeply to read (deeper than Python's recursion limit); an AVQA list is "
+                        "a list of flat objects: fix the file or re-download it") from None
     except json.JSONDecodeError as err:
         raise DataError(
             f"{source} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}; "
             "fix the file (an unfinished download is a common cause) or re-download it"
         ) from err
+    except ValueError as err:  # json's own limits, e.g. an integer of more than 4300 digits
+        raise DataError(f"{source} cannot be read as JSON ({' '.join(str(err).split())[:200]}); fix the file") from None
     if not isinstance(data, list):
         raise DataError(
             f"{source} holds a JSON {type(data).__name__}, expected a list of items; pass the AVQA-style list file"
@@ -297,6 +312,30 @@ def audio_limit_problem(samples: int) -> str | None:
         f"holds {samples} samples at 16 kHz ({1000 * samples / SAMPLING_RATE:.0f} ms), too short for one audio "
         f"token (Qwen2.5-Omni needs at least {MIN_AUDIO_SAMPLES} samples, about 20 ms)"
     )
+
+
+# The feature extractor's power spectrum is float32: a 400-sample Hann window (n_fft of Qwen2.5-Omni's
+# WhisperFeatureExtractor) sums to 200, so a window of samples at amplitude A has power up to (200 A)^2, which
+# overflows float32 (3.4e38) above A = 9.2e16 and turns the row's features into inf/NaN (measured: 9.22e16
+# on a constant signal). Decoded PCM lies in [-1, 1]; only a float file can hold such values.
+WHISPER_N_FFT = 400
+MAX_AUDIO_PEAK = math.sqrt(float(np.finfo(np.float32).max)) / (WHISPER_N_FFT / 2)
+
+
+def audio_sample_problem(samples: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> str | None:
+    """Why these decoded samples would give the model non-finite features, or None: NaN or inf samples (a
+    float WAV can hold them), or a peak so large that the feature extractor's spectrum overflows."""
+    finite = np.isfinite(samples)
+    if not finite.all():
+        bad = int((~finite).sum())
+        first = int(np.argmin(finite))
+        return (f"holds {bad} NaN or infinite samples (the first at {first / sampling_rate:.3f} s), which make every "
+                "loss and gradient of its step non-finite")
+    peak = float(np.abs(samples).max()) if samples.size else 0.0
+    if peak > MAX_AUDIO_PEAK:
+        return (f"peaks at {peak:.3g}, over {MAX_AUDIO_PEAK:.3g} where the processor's spectrogram overflows to "
+                "inf/NaN (decoded audio normally lies in [-1, 1])")
+    return None
 
 
 def image_limit_problem(width: int, height: int) -> str | None:
@@ -399,32 +438,42 @@ def _answer_letter(solution: str) -> str:
     return extracted if extracted is not None else solution.strip()
 
 
-def _resolve_media(split_dir: Path, rel: str, name: str) -> tuple[Path | None, str]:
-    """(absolute path, "") if ``rel`` stays inside the split folder, else (None, detail).
+def _resolve_media(split_dir: Path, rel: str, name: str) -> tuple[Path | None, str, str]:
+    """(absolute path, "", "") if ``rel`` stays inside the split folder, else (None, reason, detail).
 
     A safety rule: a data file must never make us open /etc/passwd or ../../secret.wav, so absolute
     paths and anything that resolves (symlinks included) outside the split folder are refused unopened.
     """
     rel_path = Path(rel)
     if rel_path.is_absolute():
-        return None, (
+        return None, PATH_ESCAPE, (
             f"field 'path.{name}' is the absolute path {rel!r};"
             f" make it relative to {split_dir} and keep the file inside it"
         )
-    resolved = (split_dir / rel_path).resolve()
+    try:
+        resolved = (split_dir / rel_path).resolve()
+    except (OSError, RuntimeError, ValueError) as err:  # a symlink loop, a NUL byte, a name too long
+        return None, MISSING_FILE, (f"field 'path.{name}' {rel!r} cannot be resolved under {split_dir} "
+                                    f"({' '.join(str(err).split())}); fix the path or remove the row")
     if not resolved.is_relative_to(split_dir):
-        return None, (
+        return None, PATH_ESCAPE, (
             f"field 'path.{name}' {rel!r} points outside {split_dir};"
             " move the file into the split folder and fix the path"
         )
-    return resolved, ""
+    if resolved == split_dir:
+        return None, MISSING_FILE, f"field 'path.{name}' {rel!r} names the split folder itself; fix the path or remove the row"
+    return resolved, "", ""
 
 
 def _check_media_files(
     split_dir: Path, image_rel: str, image: Path, audio_rel: str, audio: Path, open_media: bool
 ) -> tuple[str, str] | None:
     for rel, path in ((image_rel, image), (audio_rel, audio)):
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError as err:  # a name too long for the file system
+            return MISSING_FILE, f"{rel[:80]!r} cannot be opened under {split_dir} ({err.strerror}); fix the path or remove the row"
+        if not is_file:
             return MISSING_FILE, f"{rel} does not exist under {split_dir}; fix the path or remove the row"
     if not open_media:
         return None
@@ -452,6 +501,9 @@ def _check_media_files(
             f"{image_rel} under {split_dir} cannot be read as an image ({err});"
             " replace the file or remove the row"
         )
+    if 0 in size:
+        return EMPTY_IMAGE, (f"{image_rel} under {split_dir} is {size[0]}x{size[1]} pixels, an empty image;"
+                             " replace the file or remove the row")
     # With the paper's pixel caps; load_example checks the image at the caps in use.
     problem = image_limit_problem(*capped_image_size(*size))
     if problem:
@@ -507,13 +559,13 @@ def scan_split(path: str | Path, open_media: bool = True) -> SplitScan:
         seen_ids[key] = index
 
         image_rel, audio_rel = item["path"]["image"], item["path"]["audio"]
-        image_path, detail = _resolve_media(split_dir, image_rel, "image")
+        image_path, reason, detail = _resolve_media(split_dir, image_rel, "image")
         if image_path is None:
-            reject(PATH_ESCAPE, detail)
+            reject(reason, detail)
             continue
-        audio_path, detail = _resolve_media(split_dir, audio_rel, "audio")
+        audio_path, reason, detail = _resolve_media(split_dir, audio_rel, "audio")
         if audio_path is None:
-            reject(PATH_ESCAPE, detail)
+            reject(reason, detail)
             continue
         problem = _check_media_files(split_dir, image_rel, image_path, audio_rel, audio_path, open_media)
         if problem:
@@ -579,6 +631,10 @@ def load_audio(
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+class EmptyImageError(ValueError):
+    """An image file that decodes to no pixels."""
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     # Transparent pixels go on white, as the Qwen image processor's convert_rgb does.
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -596,6 +652,8 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixel
     """
     with Image.open(path) as img:
         img.load()
+        if 0 in img.size:  # Pillow's own readers refuse such files; a plugin's may not
+            raise EmptyImageError(f"decodes to an empty image ({img.size[0]}x{img.size[1]} pixels)")
         rgb = _to_rgb(img)
     size = capped_image_size(rgb.width, rgb.height, max_pixels, min_pixels)
     if size != rgb.size:
@@ -627,11 +685,16 @@ def load_example(
         raise fail(BAD_AUDIO, f"{row.audio_path} cannot be decoded as audio ({err}); replace the file or remove the row") from err
     if audio.size == 0:
         raise fail(EMPTY_AUDIO, f"{row.audio_path} holds no audio samples; replace the file or remove the row")
+    problem = audio_sample_problem(audio)
+    if problem:
+        raise fail(NONFINITE_AUDIO, f"{row.audio_path} {problem}; replace the file or remove the row")
     problem = audio_limit_problem(audio.size)
     if problem:
         raise fail(AUDIO_TOO_SHORT, f"{row.audio_path} {problem}; replace the file or remove the row")
     try:
         image = load_image(row.image_path, max_pixels=max_pixels)
+    except EmptyImageError as err:
+        raise fail(EMPTY_IMAGE, f"{row.image_path} {err}; replace the file or remove the row") from err
     except Exception as err:
         raise fail(BAD_IMAGE, f"{row.image_path} cannot be decoded as an image ({err}); replace the file or remove the row") from err
     problem = image_limit_problem(*image.size)

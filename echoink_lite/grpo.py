@@ -44,17 +44,22 @@ from .distributed import Dist, setup_dist
 from .loss import completion_logps, group_advantages, grpo_loss
 from .metrics import MetricsWriter, plot_run
 from .modeling import add_lora, load_processor, load_thinker_from_recipe, multimodal_token_ids, torch_dtype
-from .preflight import check_memory_fits, preflight_longest_prompts
+from .preflight import check_memory_fits, host_memory_problem, preflight_longest_prompts
 from .progress import live_display, phase_progress
 from .prompting import Encoded, PromptTooLongError, encode_row
 from .recipe import Recipe
 from .rewards import compute_rewards, resolve_rewards
 from .rollout import RolloutEngine, SamplingParams
+from .row_skips import SkipBudget, no_prompt_left, nonfinite_rows_note
 from .thinker_forward import disable_hf_checkpointing, encode_prompts
 
 
 class TrainingError(RuntimeError):
     """A run that had to stop; the message says where and which knobs to turn. Checkpoints are kept."""
+
+
+class RowsSkippedError(TrainingError):
+    """Too many rows of the run could not be loaded, or a step has no prompt left (row_skips.py)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,6 +120,7 @@ class Run:
     float_dtype: torch.dtype
     console: Any
     counters: dict[str, Any] = field(default_factory=dict)
+    skip_budget: SkipBudget | None = None  # when skipped rows stop the run (row_skips.py)
 
 
 def train(recipe: Recipe, resume: str | None = None, console=None, force: bool = False, overwrite: bool = False) -> TrainResult:
@@ -176,6 +182,11 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
     if dst.main:
         console.print(f"preflight: longest prompt {longest} tokens (cap generation.max_prompt_tokens="
                       f"{recipe.generation.max_prompt_tokens})")
+    memory_problem = host_memory_problem(recipe, dst.device, prompt_tokens=longest or None)  # CPU only
+    if memory_problem and force:
+        note(f"{memory_problem} (continuing because --force)")
+    if not dst.all_ok(memory_problem is None or force):
+        raise TrainingError(f"{memory_problem or 'another process has too little host memory'}; --force tries anyway")
 
     # -- the first writes, after every check passed (with --overwrite, the earlier run moves aside) ----
     error = None
@@ -194,6 +205,9 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
     for key in ("skipped_rows", "nonfinite_steps", "nonfinite_in_a_row", "warned_no_signal", "zero_reward_steps"):
         run.counters.setdefault(key, 0)
     run.counters.setdefault("bad_rows", [])
+    run.counters.setdefault("skip_reasons", {})
+    run.counters.setdefault("nonfinite_rows", [])
+    run.skip_budget = SkipBudget.for_run(scan, rows, recipe.data.max_bad_fraction)
     if resume_from is not None:
         ckpt.load_training_state(resume_from, run.model, run.optimizer, run.scheduler, dst.device, dst.rank)
         if dst.main:
@@ -230,6 +244,7 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
                         f"{run.counters['nonfinite_in_a_row']} steps in a row had a non-finite loss or gradient (last at "
                         f"step {step}). The weights of the last finite step are saved. Fix: lower schedule.learning_rate, "
                         "use model.dtype bfloat16 instead of float16, or lower schedule.max_grad_norm; then --resume auto."
+                        + nonfinite_rows_note(run.counters["nonfinite_rows"])
                     )
                 saver.maybe_save(step)
     finally:
@@ -309,6 +324,10 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
 
     # 5. update: all-reduce, clip, step (a non-finite step is skipped, the schedule still advances)
     update = _update(run, loss_sum)
+    if update["skipped_step"]:  # the rows of the current streak of non-finite steps, for the stop message
+        run.counters.setdefault("nonfinite_rows", []).append([str(r.problem_id) for r in rows])
+    else:
+        run.counters["nonfinite_rows"] = []
     t_loss = time.time() - t_loss
 
     # metrics summed over processes
@@ -373,9 +392,17 @@ def step_prompts(run: Run, step: int) -> tuple[list[Row], list[Encoded]]:
             bad.add(i)
             run.counters["bad_rows"].append(i)
             run.counters["skipped_rows"] += 1
+            reasons = run.counters.setdefault("skip_reasons", {})
+            reasons[err.reason] = reasons.get(err.reason, 0) + 1
             if dst.main:
-                run.console.print(f"[yellow]step {step + 1}: skipped ({err.reason}), replaced by the next row of the data "
-                                  f"order: {err}[/]", highlight=False, markup=False)
+                run.console.print(f"step {step + 1}: skipped ({err.reason}), replaced by the next row of the data "
+                                  f"order: {err}", style="yellow", highlight=False, markup=False)
+            problem = run.skip_budget and run.skip_budget.problem(run.counters["skipped_rows"], reasons)
+            if problem:  # all processes skip the same rows, so all stop here together
+                raise RowsSkippedError(f"step {step + 1}: {problem}")
+    if not chosen:
+        raise RowsSkippedError(f"step {step + 1}: " + no_prompt_left(run.counters["skipped_rows"],
+                                                                      run.counters.get("skip_reasons", {}), recipe.data.train))
     mine = chosen[dst.rank:: dst.world]
     return [r for r, _ in mine], [e for _, e in mine]
 
@@ -428,6 +455,11 @@ def _guarded_step(run: Run, step: int, saver: ckpt.Saver) -> dict[str, Any]:
     rng_at_step_start = ckpt.rng_state()
     try:
         return grpo_step(run, step)
+    except RowsSkippedError as err:
+        ckpt.set_rng_state(rng_at_step_start)
+        saver.save_if_new(step)
+        kept = f"The {step} finished steps are saved." if step else "No step had finished; nothing was saved."
+        raise RowsSkippedError(f"{err}. {kept}") from None
     except torch.cuda.OutOfMemoryError as err:
         run.optimizer.zero_grad(set_to_none=True)
         ckpt.set_rng_state(rng_at_step_start)

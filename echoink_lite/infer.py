@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .answer_protocol import build_prompt_text, extract_answer, extract_think, option_letters, parse_answer
-from .data import DataError, audio_limit_problem, image_limit_problem, load_audio, load_image
+from .data import DataError, audio_limit_problem, audio_sample_problem, image_limit_problem, load_audio, load_image
 from .evaluate import (
     PAPER_TEMPERATURE,
     PAPER_TOP_P,
@@ -72,6 +72,9 @@ def _load_media(audio_path, image_path, max_audio_seconds: float, max_pixels: in
         raise DataError(f"audio file {audio_path} cannot be decoded ({err}); pass a WAV/FLAC/OGG file") from err
     if audio.size == 0:
         raise DataError(f"audio file {audio_path} holds no samples")
+    problem = audio_sample_problem(audio)
+    if problem:
+        raise DataError(f"audio file {audio_path} {problem}; pass another file")
     problem = audio_limit_problem(audio.size)
     if problem:
         raise DataError(f"audio file {audio_path} {problem}; pass a longer clip")

@@ -31,6 +31,9 @@ def read_jsonl(path: str | Path, repair: bool = False) -> tuple[list[Any], str |
             continue
         try:
             records.append(json.loads(raw))
+        except RecursionError:
+            raise JsonlError(f"{path}, line {number}: nested too deeply to read (deeper than Python's recursion limit); "
+                             "fix or delete that line.") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             if any(rest.strip() for rest in lines[number:]):
                 reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"

@@ -190,6 +190,17 @@ def _sub(cfg: dict[str, Any], key: str) -> dict[str, Any]:
     return sub
 
 
+# The sizes Dims.from_config reads, by config section.
+_SIZE_KEYS = (
+    ("text_config", ("hidden_size", "num_attention_heads", "head_dim", "intermediate_size", "num_hidden_layers",
+                           "num_key_value_heads", "vocab_size")),
+    ("audio_config", ("d_model", "encoder_layers", "num_hidden_layers", "encoder_ffn_dim", "num_mel_bins",
+                            "output_dim", "max_source_positions")),
+    ("vision_config", ("hidden_size", "embed_dim", "depth", "intermediate_size", "in_channels", "in_chans",
+                             "patch_size", "temporal_patch_size", "spatial_merge_size", "out_hidden_size")),
+)
+
+
 @dataclass(frozen=True)
 class Dims:
     """The sizes the estimate needs, read from a thinker config."""
@@ -220,6 +231,12 @@ class Dims:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> "Dims":
         t, a, v = _sub(cfg, "text_config"), _sub(cfg, "audio_config"), _sub(cfg, "vision_config")
+        for section, keys in _SIZE_KEYS:  # every size read is a count: a 0 or -5 gave a ZeroDivisionError or a fit
+            for key in keys:
+                value = {"text_config": t, "audio_config": a, "vision_config": v}[section].get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise PlanError(f"the model config's {section}.{key} is {value!r}; sizes are whole numbers of at "
+                                    "least 1. Fix: restore the model folder's config.json")
         hidden, heads = int(t["hidden_size"]), int(t["num_attention_heads"])
         head_dim = int(t.get("head_dim") or hidden // heads)
         tied = bool(t.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False)))

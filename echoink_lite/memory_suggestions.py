@@ -27,6 +27,11 @@ LORA_RANKS = (8, 4)
 LOGPROB_CHUNKS = (128, 64, 32)
 # In the combined search a knob value counts as a gain only if it lowers the summed phases by this much (GiB).
 MIN_GAIN_GIB = 0.05
+# A knob with more than MAX_VALUES values is thinned so that each one tried is at most VALUE_STEP of the last
+# one tried: a decode batch of 65536 rows would otherwise try 32767 sizes (minutes), neighbours that differ by
+# nothing. Shorter lists (the paper recipes') are tried whole, so the mildest value that fits is found.
+MAX_VALUES = 32
+VALUE_STEP = 0.75
 
 
 @dataclass
@@ -63,8 +68,26 @@ def _show(v: Any) -> str:
 
 
 def divisors_below(n: int, below: int) -> list[int]:
-    """Divisors of n smaller than `below`, largest first."""
-    return sorted((x for x in range(1, below) if n % x == 0), reverse=True)
+    """Divisors of n smaller than `below`, largest first (found up to sqrt(n): any n takes milliseconds)."""
+    found: set[int] = set()
+    x = 1
+    while x * x <= n:
+        if n % x == 0:
+            found.update((x, n // x))
+        x += 1
+    return sorted((d for d in found if d < below), reverse=True)
+
+
+def thinned(values: list[Any]) -> list[Any]:
+    """Numeric knob values (mildest first, falling); past MAX_VALUES of them, only values at most VALUE_STEP
+    of the last one kept (the strongest value is always kept)."""
+    if len(values) <= MAX_VALUES or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return values
+    kept = [values[0]]
+    for v in values[1:-1]:
+        if v <= kept[-1] * VALUE_STEP:
+            kept.append(v)
+    return kept + [values[-1]]
 
 
 def micro_batch_sizes(recipe: Recipe) -> list[int]:
@@ -103,7 +126,7 @@ def candidate_knobs(recipe: Recipe) -> list[Knob]:
         Knob("lora.r", [r for r in LORA_RANKS if r < recipe.lora.r], True),
         Knob("grpo.group_size", [x for x in GROUP_SIZES if x < g.group_size], True),
     ]
-    return [k for k in knobs if k.values]
+    return [Knob(k.key, thinned(k.values), k.changes_math) for k in knobs if k.values]
 
 
 def recipe_value(recipe: Recipe, key: str) -> Any:

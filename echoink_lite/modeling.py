@@ -103,7 +103,8 @@ def load_processor(name_or_path: str, revision: str | None = None, max_pixels: i
                 image_processor=image_processor, feature_extractor=feature_extractor, tokenizer=tokenizer,
                 chat_template=tokenizer.chat_template or _read_chat_template(name_or_path),
             )
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a folder without tokenizer files ("Couldn't instantiate ...")
+        err = " ".join(str(err).split())
         raise ModelLoadError(
             f"cannot load the processor of '{name_or_path}': {err}\n"
             "Fix: pass a local folder that holds the tokenizer and processor files, or a Hub id while online."
@@ -148,7 +149,8 @@ def resolve_thinker_config(name_or_path: str, revision: str | None = None):
     kw: dict[str, Any] = {"revision": revision} if revision else {}
     try:
         cfg = AutoConfig.from_pretrained(name_or_path, **kw)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, ValueError, and huggingface_hub's StrictDataclassError for bad field values
+        err = " ".join(str(err).split()) or type(err).__name__
         raise ModelLoadError(
             f"cannot read the config of '{name_or_path}': {err}\n"
             "Fix: pass a folder with config.json (a Qwen2.5-Omni or thinker checkpoint) or a Hub id while online."

@@ -31,6 +31,7 @@ from .memory_estimate import (
 )
 from .memory_suggestions import Suggestion, suggest_changes
 from .recipe import Recipe, RecipeError, load_recipe
+from .recipe_bounds import CONTEXT_TOKENS
 
 # AVQA-R1-6K's train split (harryhsing/AVQA-R1-6K, omni_rl_format_train.json) has 4,490 items; the EchoInk-R1
 # paper (arXiv 2505.04623) trains one epoch of them, 8 prompts per step: 562 steps.
@@ -244,6 +245,12 @@ def plan_command(recipe_path: str | Path, overrides: list[str] | tuple[str, ...]
     from .safe_output import PLAN_JSON, check_output_file, write_json_output
 
     console = console or Console()
+    if not 1 <= text_tokens <= CONTEXT_TOKENS:  # a negative count gave a negative estimate that "fits"
+        raise RecipeError(f"--text-tokens {text_tokens}: the text tokens per prompt must be between 1 and the model's "
+                          f"{CONTEXT_TOKENS}-token context (default {DEFAULT_TEXT_TOKENS}, the paper's prompts)")
+    if not 0 <= headroom < 1:
+        raise RecipeError(f"--headroom {headroom}: the fraction of the GPU kept free must be at least 0 and under 1 "
+                          f"(default {DEFAULT_HEADROOM})")
     recipe = load_recipe(recipe_path, list(overrides))
     if json_out:  # refused before anything is printed: a folder, a recipe, a file that is not an earlier plan
         check_output_file(json_out, PLAN_JSON, "--json")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .data import ENCODE_FAILED, PROMPT_TOO_LONG, Example, Row, RowEncodeError, load_example
+from .data import ENCODE_FAILED, NONFINITE_AUDIO, PROMPT_TOO_LONG, Example, Row, RowEncodeError, load_example
 
 
 class PromptTooLongError(RowEncodeError):
@@ -71,6 +71,15 @@ def encode_example(processor, example: Example, max_prompt_tokens: int | None = 
         feature_attention_mask=out["feature_attention_mask"][0],
         problem_id=example.row.problem_id,
     )
+    # load_example refuses the media that give non-finite features; this catches any other way to get them,
+    # since one such prompt makes its whole step's loss and gradients non-finite.
+    for what, tensor, reason in (("audio features", enc.input_features, NONFINITE_AUDIO),
+                                 ("image pixel values", enc.pixel_values, ENCODE_FAILED)):
+        if not bool(torch.isfinite(tensor).all()):
+            row = example.row
+            raise RowEncodeError(reason, f"row {row.index} (problem_id {row.problem_id!r}): the processor's {what} of "
+                                 f"{row.audio_path.name} + {row.image_path.name} are not finite; replace the media or "
+                                 "remove the row", problem_id=row.problem_id, index=row.index)
     if max_prompt_tokens is not None and enc.length > max_prompt_tokens:
         row = example.row
         raise PromptTooLongError(

@@ -6,7 +6,9 @@ nobody has to solve the batch-size / num_generations divisibility puzzle by hand
 
 Why pydantic: unknown keys are errors (a typo in a key must not silently fall back to a default), every
 field carries a one-line description that `echoink-lite recipes explain` prints, and checks that involve
-several fields live next to the fields. Recipes are read with `yaml.safe_load` only.
+several fields live next to the fields. Fields are strict: `lora.r: true` or `lora.r: "16"` is an error, not
+r=1 or r=16 (an int is still a float). Recipes are read with PyYAML's safe loader only, made strict
+(strict_yaml.py: a repeated key is an error naming both lines; `1e-6` is a number).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
+from . import strict_yaml
 from .attention import refusal as attention_refusal
+from .recipe_bounds import bound_problems
 
 
 class RecipeError(ValueError):
@@ -30,8 +34,9 @@ class RecipeError(ValueError):
 
 class _Section(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` in any number (a learning rate, a reward weight) is an error here,
-    # not NaN losses a few steps into the run.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    # not NaN losses a few steps into the run. strict=True: no coercion, so `lora.r: true` is not r=1, `16.5` is
+    # not 16 and "0.1" is not a number (pydantic's strict mode still takes an int for a float field).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False, strict=True)
 
 
 class ModelSection(_Section):
@@ -66,7 +71,7 @@ class DataSection(_Section):
     valid: str | None = Field("data/avqa/valid", description="Validation split (same forms as `train`); None to skip.")
     max_audio_seconds: float = Field(10.0, gt=0, description="Audio is cut to its first N seconds (25 audio tokens per second); higher = longer prompts.")
     max_pixels: int = Field(256 * 28 * 28, ge=4 * 28 * 28, description="Image pixel cap; 28*28 pixels = one visual token, so 256*28*28 = at most 256 tokens.")
-    max_bad_fraction: float = Field(0.02, ge=0.0, le=1.0, description="Stop before training if more than this fraction of rows fail the data checks.")
+    max_bad_fraction: float = Field(0.02, ge=0.0, le=1.0, description="Stop if more than this fraction of rows is unusable: before training (the scan), and during it counting rows skipped when loaded.")
     limit_train_rows: int | None = Field(None, ge=1, description="Use only the first N usable training rows (quick trials).")
     limit_valid_rows: int | None = Field(None, ge=1, description="Use only the first N usable validation rows.")
 
@@ -160,6 +165,9 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _cross_field_checks(self, info: ValidationInfo) -> "Recipe":
+        problems = bound_problems(self)  # absurd values (recipe_bounds.py) before any check that uses them
+        if problems:
+            raise ValueError("; ".join(problems))
         g = self.grpo
         if attention_refusal(self.model.attn_implementation):
             raise ValueError(attention_refusal(self.model.attn_implementation))
@@ -214,6 +222,10 @@ class Recipe(_Section):
             "rollout_tokens_budget": completions * self.generation.max_completion_tokens,
             "world_size": world_size,
         }
+        if n_train_rows is not None and 0 < n_train_rows < g.prompts_per_step:  # a step would repeat prompts, and
+            # the loop takes each row once per step: steps of fewer prompts than asked, without a word
+            raise RecipeError(f"grpo.prompts_per_step={g.prompts_per_step} is more than the {n_train_rows} usable training "
+                              f"rows; lower it to at most {n_train_rows}")
         if n_train_rows is not None:
             # Each epoch is its own permutation cut into steps; its last step takes the prompts left over and is
             # filled up with the epoch's first ones (as the original's data loader: grpo.data_schedule).
@@ -223,6 +235,9 @@ class Recipe(_Section):
             out["train_rows"] = n_train_rows
             out["steps_per_epoch"] = spe
             out["total_steps"] = min(total, self.schedule.max_steps) if self.schedule.max_steps else total
+            if out["total_steps"] < 1:  # a run of 0 steps would save an untrained adapter and say "done"
+                raise RecipeError(f"schedule.epochs={self.schedule.epochs:g} of {n_train_rows} training rows at "
+                                  f"{g.prompts_per_step} prompts per step makes 0 optimizer steps; raise schedule.epochs")
         return out
 
     def train_rows(self) -> tuple[int | None, str]:
@@ -329,10 +344,12 @@ def _suggest(key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _parse_value(text: str) -> Any:
-    # YAML scalars: numbers, booleans, null, lists and dicts written inline; safe loader only.
+def _parse_value(text: str, item: str = "") -> Any:
+    # YAML scalars: numbers, booleans, null, lists and dicts written inline; the strict safe loader only.
     try:
-        return yaml.safe_load(text)
+        return strict_yaml.load(text)
+    except (strict_yaml.DuplicateKeyError, strict_yaml.YamlTooDeepError) as err:
+        raise RecipeError(f"override '{item or text}': {str(err).removeprefix('line 1: ')}") from None
     except yaml.YAMLError:
         return text
 
@@ -353,7 +370,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override '{item}': '{p}' is not a section")
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = _parse_value(value, item)
     return data
 
 
@@ -363,6 +380,17 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown key '{loc}'{_suggest(loc)}")
+        elif isinstance(e.get("input"), bool) and e["type"] in ("int_type", "float_type"):
+            lines.append(f"{loc}: expects a number, not a boolean (got {str(e['input']).lower()}); write the number")
+        elif e["type"] == "int_type" and isinstance(e.get("input"), float) and math.isfinite(e["input"]):
+            lines.append(f"{loc}: expects a whole number, got {e['input']!r}; write it without a decimal point or exponent")
+        elif e["type"] in ("int_type", "float_type") and not _finite_text(e.get("input")):
+            lines.append(f"{loc}: Input should be a finite number (got {e['input']!r})")
+        elif isinstance(e.get("input"), str) and e["type"] in ("int_type", "float_type", "bool_type"):
+            kind = "true or false" if e["type"] == "bool_type" else "a number"
+            lines.append(f"{loc}: expects {kind}, not the string {e['input']!r}; write it without quotes")
+        elif e["type"] == "string_type" and isinstance(e.get("input"), (int, float)):
+            lines.append(f"{loc}: expects text, got the number {e['input']!r}; put it in quotes")
         elif loc:
             lines.append(f"{loc}: {e['msg']} (got {e.get('input')!r})")
         else:
@@ -370,6 +398,14 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if len(lines) == 1:
         return f"{source}: invalid recipe: {lines[0]}"
     return f"{source}: invalid recipe:\n  - " + "\n  - ".join(lines)
+
+
+def _finite_text(value: Any) -> bool:
+    """False for a string that reads as inf or nan (`key=inf` on the command line)."""
+    try:
+        return not isinstance(value, str) or math.isfinite(float(value))
+    except ValueError:
+        return True
 
 
 def recipe_from_dict(data: dict[str, Any], source: str = "<dict>", check_rewards: bool = True) -> Recipe:
@@ -387,7 +423,8 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     if p.is_dir():
         raise RecipeError(f"{p} is a folder, not a recipe file; pass a .yaml file such as recipes/paper_24gb.yaml")
     if not p.is_file():
-        raise RecipeError(f"recipe file {p} does not exist; see recipes/ for examples")
+        what = "is not a regular file" if p.exists() else "does not exist"
+        raise RecipeError(f"recipe file {p} {what}; see recipes/ for examples")
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
@@ -396,7 +433,9 @@ def read_recipe_file(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise RecipeError(f"{p}: cannot read the recipe: {err.strerror or err}") from None
     try:
-        data = yaml.safe_load(text)
+        data = strict_yaml.load(text)
+    except strict_yaml.DuplicateKeyError as err:
+        raise RecipeError(f"{p}: {err}: a second one silently replaces the first; keep one and merge the two") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{p}: not valid YAML: {' '.join(str(err).split())}") from None
     if data is None or data == {}:

@@ -82,7 +82,14 @@ def compute_rewards(rewards: list[tuple[str, RewardFn, float]], completions: lis
     per_name: dict[str, list[float]] = {}
     total = [0.0] * len(completions)
     for name, fn, weight in rewards:
-        values = [float(v) for v in fn(completions, **columns)]
+        try:
+            values = [float(v) for v in fn(completions, **columns)]
+        except Exception as err:  # the user's own function: name it, do not end the run in its traceback
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise RewardError(
+                f"reward '{name}' failed: {type(err).__name__}: {first}. A reward is called as fn(completions, "
+                f"{', '.join(f'{k}=...' for k in columns)}) and returns one number per completion; fix the function"
+            ) from None
         if len(values) != len(completions):
             raise RewardError(f"reward '{name}' returned {len(values)} values for {len(completions)} completions")
         per_name[name] = values

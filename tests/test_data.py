@@ -139,7 +139,7 @@ def test_bare_letter_solution_and_string_ids_are_accepted(tmp_path):
 
 
 def test_reason_constants():
-    assert len(set(REASONS)) == len(REASONS) == 12
+    assert len(set(REASONS)) == len(REASONS) == 14
     assert (BAD_AUDIO, EMPTY_AUDIO, BAD_IMAGE, PATH_ESCAPE) == (
         "unreadable_audio",
         "empty_audio",

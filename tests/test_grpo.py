@@ -189,10 +189,11 @@ def test_nonfinite_steps_are_skipped_then_stop_with_weights_saved(tiny_model_dir
     out = tmp_path / "run"
     recipe = tiny_recipe(tiny_model_dir, synth_dir, out, grpo__rewards={"rewards_for_tests:not_a_number": 1.0},
                          grpo__max_nonfinite_steps=2, schedule__max_steps=4)
-    with pytest.raises(TrainingError, match="non-finite"):
+    with pytest.raises(TrainingError, match="non-finite") as err:
         train(recipe)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_step"] for r in rows] == [True, True]
+    assert "Rows of the last non-finite step: " in str(err.value)  # the rows are named, in case one is the cause
     assert ckpt.latest_checkpoint(out).name == "step-000002"
 
 
@@ -257,7 +258,8 @@ def test_a_row_that_fails_to_encode_is_skipped_counted_and_replaced(tiny_model_d
     import echoink_lite.grpo as grpo
     from echoink_lite.rollout import RolloutEngine
 
-    recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run", schedule__max_steps=2)
+    # 1 row of 16 is 6.25% of the data: allowed by data.max_bad_fraction 0.1 (the default 0.02 stops the run)
+    recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run", schedule__max_steps=2, data__max_bad_fraction=0.1)
     rows = grpo.scan_split(recipe.data.train).rows
     steps = grpo.data_schedule(len(rows), recipe.grpo.prompts_per_step, 2, recipe.schedule.seed)
     broken = rows[steps[1][0]].problem_id  # the first prompt of step 2
