@@ -121,7 +121,7 @@ VOCAB_MULTIPLE = 128  # the model's vocabulary is padded past the tokenizer, as 
 SHARD_SIZE = "2MB"  # a few shards and an index, like the Hub's five
 
 
-def _tokenizer_corpus() -> list[str]:
+def _tokenizer_corpus(keep_tags: bool = False) -> list[str]:
     from .synth import SYNTH_OPTIONS, SYNTH_QUESTION
 
     colours = ["red", "blue", "green", "yellow"]
@@ -133,12 +133,15 @@ def _tokenizer_corpus() -> list[str]:
         "The sound is low. The sound is high. A B C D E F",
         "red\nblue\nlow\nhigh\n",
     ]
-    # No merge may join the tags' pieces into one token: the real BPE has none, so the tags are taken out.
-    return [re.sub(r"</?(think|answer)>", " ", line) for line in lines] * 20
+    if not keep_tags:  # no merge may join the tags' pieces into one token: the real BPE has none
+        lines = [re.sub(r"</?(think|answer)>", " ", line) for line in lines]
+    return lines * 20
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024):
-    """Train a Qwen2-style byte-level BPE offline; the Omni special tokens follow the ordinary vocabulary."""
+def build_tiny_tokenizer(vocab_size: int = 1024, merge_tags: bool = False):
+    """Train a Qwen2-style byte-level BPE offline; the Omni special tokens follow the ordinary vocabulary.
+    `merge_tags` also learns merges inside the answer tags (fewer tokens for the prompt's instruction; for
+    benchmarks/bench_grpo.py, which matches the paper's prompt length in tokens, never for the tiny model)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import Qwen2TokenizerFast
 
@@ -154,7 +157,7 @@ def build_tiny_tokenizer(vocab_size: int = 1024):
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,  # its progress bars print only blank lines when stdout is not a terminal
     )
-    bpe.train_from_iterator(_tokenizer_corpus(), trainer)
+    bpe.train_from_iterator(_tokenizer_corpus(keep_tags=merge_tags), trainer)
     bpe.add_special_tokens(SPECIAL_TOKENS)
     tok = Qwen2TokenizerFast(
         tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
