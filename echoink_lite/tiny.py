@@ -23,10 +23,11 @@ parameters) and write it the way the Hub repository holds it (`build_tiny_omni`,
   processor's (`min_pixels` 3136, `max_pixels` 12845056); and `chat_template.json` (not
   `processor_config.json` / `chat_template.jinja`, which transformers 5 writes when it saves a processor).
 
-The values of `preprocessor_config.json` are those of the Hub repository's file. The Hub itself is not
-reachable from here: the file was read from public copies of it (e.g. AVoCaDO-Captioner/AVoCaDO, a
-Qwen2.5-Omni-7B fine-tune, quotes it in full; others quote the same values). The special-token ids and
-the tokenizer_config keys follow the real tokenizer (ids in the public `added_tokens.json`).
+`preprocessor_config.json` holds the values of Qwen/Qwen2.5-Omni-7B's file, key for key; the special tokens'
+order follows that repository's `added_tokens.json` (151643-151656). The Hub is not reachable from the
+machines this was written on, so both were taken from public copies of those files. The token attributes
+of `tokenizer_config.json` are top-level keys, a form transformers 5 reads (`extra_special_tokens` is the
+other; `modeling.load_processor` refuses a file with neither).
 
 The thinker-only layout stays available (`build_tiny_thinker`, `echoink-lite tiny OUT --thinker-only`):
 what `merge --format thinker` writes and what transformers' `save_pretrained` gives for a thinker and a
@@ -58,11 +59,6 @@ OMNI_TOKEN_ATTRIBUTES = {
 }
 # The answer-format tags: ordinary text, several tokens each (tests/test_hub_layout.py holds this).
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
-
-# Qwen2's pre-tokenizer split (the `Split` pattern of the real tokenizer.json).
-QWEN2_PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 
 # preprocessor_config.json of Qwen/Qwen2.5-Omni-7B: one file for the Whisper feature extractor (audio padded
 # to 300 s) and the Qwen2-VL image processor.
@@ -144,11 +140,13 @@ def build_tiny_tokenizer(vocab_size: int = 1024, merge_tags: bool = False):
     benchmarks/bench_grpo.py, which matches the paper's prompt length in tokens, never for the tiny model)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import Qwen2TokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     bpe = Tokenizer(models.BPE())
+    # The pipeline of the real tokenizer.json, as transformers' Qwen2Converter builds it (convert_slow_tokenizer.py).
     bpe.normalizer = normalizers.NFC()
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     bpe.post_processor = processors.ByteLevel(trim_offsets=False)
