@@ -9,6 +9,8 @@ Importing the package sets two things up before anything else runs:
   bitsandbytes/backends/cpu/ops.py) and then uses its own 4-bit CPU path, which is what the kit relies on
   (the optional `kernels` package would download a kernel from the Hub, which the kit never needs). Only
   that message is filtered; the logger's other records still show.
+- transformers' false alarm about the Qwen2.5-Omni talker's token ids, logged on every load and save of a
+  complete Omni config (`omni_config_warnings`, which says why it is wrong and what exactly is dropped).
 """
 
 import logging
@@ -30,3 +32,7 @@ class _DropKernelsHint(logging.Filter):
 
 
 logging.getLogger(_BNB_CPU_LOGGER).addFilter(_DropKernelsHint())
+
+from . import omni_config_warnings as _omni_config_warnings  # noqa: E402  (stdlib only; imports nothing heavy)
+
+_omni_config_warnings.install()

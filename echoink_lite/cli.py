@@ -176,12 +176,12 @@ def cmd_plot(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    from .tiny import build_tiny_full_omni, build_tiny_thinker
+    from .tiny import build_tiny_omni, build_tiny_thinker
 
     from .safe_output import OutputError
 
     try:
-        out = build_tiny_full_omni(args.out) if args.full else build_tiny_thinker(args.out)
+        out = build_tiny_thinker(args.out) if args.thinker_only else build_tiny_omni(args.out)
     except OSError as err:
         raise OutputError(f"cannot write tiny OUT {args.out}: {err.strerror or err}; an earlier model there is "
                           "unchanged. Fix: free space or pass a folder you can write to.") from None
@@ -531,8 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("tiny", help="build the offline tiny Qwen2.5-Omni model folder (for tests and trials)")
-    p.add_argument("out", help="folder to write the model, tokenizer and processor to")
-    p.add_argument("--full", action="store_true", help="a complete Omni model (thinker + talker + token2wav)")
+    p.add_argument("out", help="folder to write the model, tokenizer and processor to (the layout of the "
+                   "Qwen/Qwen2.5-Omni-7B Hub repository: thinker + talker + token2wav)")
+    p.add_argument("--thinker-only", action="store_true",
+                   help="the thinker alone, as `merge --format thinker` and transformers' save_pretrained write it")
+    p.add_argument("--full", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.set_defaults(func=cmd_tiny)
     return parser
 

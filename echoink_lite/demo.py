@@ -41,8 +41,8 @@ DEMO_RECIPE: dict = {
     "data": {"train": "demo_runs/demo/data/train", "valid": "demo_runs/demo/data/valid", "max_audio_seconds": 1.0},
     "grpo": {"prompts_per_step": 8, "group_size": 8, "micro_batch_size": 64, "rollout_batch_size": 64, "beta": 0.04,
              "rewards": {"accuracy": 1.0, "format": 0.5}},
-    "generation": {"max_prompt_tokens": 512, "max_completion_tokens": 24},
-    "schedule": {"learning_rate": 3e-3, "epochs": 2.0, "max_steps": 60, "seed": 0},
+    "generation": {"max_prompt_tokens": 512, "max_completion_tokens": 32},
+    "schedule": {"learning_rate": 3e-3, "epochs": 4.0, "max_steps": 120, "seed": 0},
     "checkpoint": {"output_dir": "demo_runs/demo/run", "save_every_steps": 20, "save_every_minutes": 5.0, "keep_last": 2},
     "logging": {"run_name": "demo"},
 }
@@ -186,7 +186,7 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
     from .modeling import usable_cpus
     from .safe_output import DEMO_SUMMARY, write_json_output
     from .synth import write_synth_set
-    from .tiny import build_tiny_thinker
+    from .tiny import build_tiny_omni
     from .warmstart import warm_start
 
     console = console or Console()
@@ -207,8 +207,8 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
         console.print(f"wrote {n} {split_dir.name} items to {split_dir}", highlight=False, markup=False)
     phase("data")
 
-    console.rule("[bold]2/7 tiny Qwen2.5-Omni thinker (real classes, random weights)")
-    tiny_dir = build_tiny_thinker(out / "tiny-model", seed=seed)
+    console.rule("[bold]2/7 tiny Qwen2.5-Omni (real classes, random weights, the Hub checkpoint's layout)")
+    tiny_dir = build_tiny_omni(out / "tiny-model", seed=seed)
     console.print(f"model folder: {tiny_dir}")
     phase("tiny model")
 
@@ -226,7 +226,7 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
 
     console.rule("[bold]5/7 evaluation on the validation split: before vs after GRPO, and the modality check")
     cfg = EvalConfig(model=str(out / "warm-model"), adapter=str(result.adapter_dir), data=str(out / "data" / "valid"),
-                     out=str(out / "eval" / "predictions.jsonl"), batch_size=64, max_new_tokens=24,
+                     out=str(out / "eval" / "predictions.jsonl"), batch_size=64, max_new_tokens=32,
                      max_audio_seconds=1.0, dtype="float32", device="cpu", compare_base=True)  # base in NF4, as trained
     predictions = out / "eval" / "predictions.jsonl"
     if predictions.exists():
@@ -255,7 +255,7 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
     for option in row.options:
         console.print(f"  {escape(option)}", highlight=False)
     console.print("merged model, greedy:", highlight=False)
-    answer = infer(mmodel, mproc, row.audio_path, row.image_path, row.problem, list(row.options), max_new_tokens=24,
+    answer = infer(mmodel, mproc, row.audio_path, row.image_path, row.problem, list(row.options), max_new_tokens=32,
                    stream=True, console=console, max_audio_seconds=1.0)
     console.print(_answer_line(answer.get("answer"), row.answer), highlight=False)
     phase("merge + infer")

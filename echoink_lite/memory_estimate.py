@@ -499,7 +499,7 @@ def estimate_memory(recipe: Recipe, gpu_memory_gb: float | None = None, *, confi
         100 * seconds * 2 * d.a_dim  # conv1 output and its GELU (100 feature frames per second)
         + 50 * seconds * (6 * d.a_dim + 2 * d.a_ffn)  # one encoder layer (50 positions per second after conv2)
         + patches * (6 * d.v_dim + 3 * d.v_inter)  # one vision block
-        + d.a_mel * 3000  # the Whisper features, always padded to 30 s
+        + d.a_mel * 100 * seconds  # the Whisper features, cut to the clip (prompting.processor_call), 100 frames/s
     ) * cb
     comp["rollout_decode_logits"] = Br * V * 4 * DECODE_FP32_COPIES
     rollout = together("rollout", "prompt_embeddings", "rollout_kv_cache", "dequant_buffer",

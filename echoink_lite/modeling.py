@@ -97,6 +97,7 @@ def load_processor(name_or_path: str, revision: str | None = None, max_pixels: i
                 proc = None  # a folder saved without the video part (e.g. the tiny model): build it as below
         if proc is None:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
+            _check_omni_token_attributes(tokenizer, name_or_path)
             image_processor = pil_image_processor_class().from_pretrained(name_or_path, **kw)
             feature_extractor = WhisperFeatureExtractor.from_pretrained(name_or_path, **kw)
             proc = OmniProcessorNoVideo(
@@ -114,6 +115,25 @@ def load_processor(name_or_path: str, revision: str | None = None, max_pixels: i
     if proc.chat_template is None:
         proc.chat_template = _read_chat_template(name_or_path)
     return proc
+
+
+# The tokenizer attributes the Omni processor reads, as `tokenizer_config.json` names them.
+OMNI_TOKEN_KEYS = ["image_token", "audio_token", "video_token", "vision_bos_token", "vision_eos_token",
+                   "audio_bos_token", "audio_eos_token"]
+
+
+def _check_omni_token_attributes(tokenizer, name_or_path: str) -> None:
+    """Refuse, in one line, a tokenizer without the Omni token attributes. `Qwen2_5OmniProcessor` reads
+    `tokenizer.image_token` etc., which a tokenizer_config.json sets as top-level keys (the Hub checkpoint's
+    form) or under `extra_special_tokens`; without them it ends in "AttributeError: Qwen2Tokenizer has no
+    attribute image_token"."""
+    missing = [k for k in OMNI_TOKEN_KEYS if not isinstance(getattr(tokenizer, k, None), str)]
+    if missing:
+        where = Path(name_or_path) / "tokenizer_config.json" if Path(name_or_path).is_dir() else f"{name_or_path}: tokenizer_config.json"
+        raise ModelLoadError(
+            f"{where} does not name the Qwen2.5-Omni tokens {', '.join(missing)}; fix: add them as top-level keys, "
+            'as Qwen/Qwen2.5-Omni-7B\'s has them (e.g. "image_token": "<|IMAGE|>"), or under "extra_special_tokens"'
+        )
 
 
 def _set_pixel_caps(image_processor, max_pixels: int, min_pixels: int | None) -> None:

@@ -4,7 +4,17 @@ An `Example` becomes chat messages (user turn = [image, audio, text], no system 
 default "You are a helpful assistant." turn is used, exactly as the original), then processor tensors for
 that single prompt. Each prompt is processed once; batches for `generate` and for the loss forward are
 built by repeating and left-padding those tensors (`collate`), which keeps the Whisper feature extraction
-(always padded to 30 s) out of the per-completion path.
+out of the per-completion path.
+
+Audio features are cut to the clip (`processor_call`). The Hub checkpoint's Whisper extractor pads every
+clip to 300 s (`n_samples` 4,800,000 in its preprocessor_config.json): 30,000 feature frames for a 1 s clip,
+most of the encoding time of a row. The thinker never reads the padding: `get_audio_features`
+(transformers models/qwen2_5_omni/modeling_qwen2_5_omni.py) keeps only the frames `feature_attention_mask`
+marks, and the audio tower chunks those by their lengths. So the extractor pads only to the clip plus
+`n_fft + hop_length` samples of silence (the windows that overlap the clip's end then see the same zeros as
+with 300 s of padding, not the reflection at the array's end) and the frames past the mask are dropped.
+The kept frames are bit-identical to the 300-s ones (tests/test_audio_trim.py checks the features, the audio
+tower's output and the thinker's logits); batches pad them again to their longest clip (`stack_audio`).
 
 Messages carry only the keys the template needs: rows from a `datasets.Dataset` carry `audio=None` keys on
 text parts, and the official Qwen2.5-Omni chat template (its `chat_template.json`) renders any content part
@@ -50,7 +60,7 @@ class Encoded:
     input_ids: torch.Tensor  # [L]
     pixel_values: torch.Tensor  # [patches, dim]
     image_grid_thw: torch.Tensor  # [1, 3]
-    input_features: torch.Tensor  # [mel, frames]
+    input_features: torch.Tensor  # [mel, frames] (the clip's frames only: see the module docstring)
     feature_attention_mask: torch.Tensor  # [frames]
     problem_id: Any = None
 
@@ -59,16 +69,41 @@ class Encoded:
         return int(self.input_ids.shape[0])
 
 
+def audio_padding_samples(feature_extractor, n_samples: int) -> int | None:
+    """Samples to pad a clip of `n_samples` to so that its feature frames equal those of the extractor's full
+    padding (None when the extractor is not Whisper-like: then it pads as configured)."""
+    n_fft, hop, limit = (getattr(feature_extractor, k, None) for k in ("n_fft", "hop_length", "n_samples"))
+    if not all(isinstance(v, int) and v > 0 for v in (n_fft, hop, limit)):
+        return None
+    return min(limit, -(-(n_samples + n_fft + hop) // hop) * hop)  # a whole number of hops, never past the cap
+
+
+def processor_call(processor, text: str, image, audio, trim_audio: bool = True):
+    """The processor on one prompt; audio features cut to the clip (module docstring). `trim_audio=False`
+    gives the extractor's own padding (300 s for the Hub checkpoint), for tests and benchmarks."""
+    kw: dict[str, Any] = {}
+    pad_to = audio_padding_samples(getattr(processor, "feature_extractor", None), len(audio)) if trim_audio else None
+    if pad_to is not None:
+        kw["audio_kwargs"] = {"max_length": pad_to}
+    out = processor(text=[text], images=[image], audio=[audio], return_tensors="pt", padding=False, **kw)
+    features, mask = out["input_features"][0], out["feature_attention_mask"][0]
+    frames = int(mask.sum())
+    if trim_audio and bool(mask[:frames].all()):  # the extractor pads on the right: the clip's frames come first
+        features, mask = features[:, :frames], mask[:frames]
+    out["input_features"], out["feature_attention_mask"] = features, mask
+    return out
+
+
 def encode_example(processor, example: Example, max_prompt_tokens: int | None = None, question_text: str | None = None,
                    system: str | None = None) -> Encoded:
     text = render_prompt(processor, question_text if question_text is not None else example.row.prompt_text, system)
-    out = processor(text=[text], images=[example.image], audio=[example.audio], return_tensors="pt", padding=False)
+    out = processor_call(processor, text, example.image, example.audio)
     enc = Encoded(
         input_ids=out["input_ids"][0],
         pixel_values=out["pixel_values"],
         image_grid_thw=out["image_grid_thw"],
-        input_features=out["input_features"][0],
-        feature_attention_mask=out["feature_attention_mask"][0],
+        input_features=out["input_features"],
+        feature_attention_mask=out["feature_attention_mask"],
         problem_id=example.row.problem_id,
     )
     # load_example refuses the media that give non-finite features; this catches any other way to get them,
@@ -127,8 +162,20 @@ def encode_row(
 def encode_text_prompt(processor, question_text: str, image, audio) -> Encoded:
     """Encode a free question (used by `infer`), same template and processor as training."""
     text = render_prompt(processor, question_text)
-    out = processor(text=[text], images=[image], audio=[audio], return_tensors="pt", padding=False)
-    return Encoded(out["input_ids"][0], out["pixel_values"], out["image_grid_thw"], out["input_features"][0], out["feature_attention_mask"][0])
+    out = processor_call(processor, text, image, audio)
+    return Encoded(out["input_ids"][0], out["pixel_values"], out["image_grid_thw"], out["input_features"], out["feature_attention_mask"])
+
+
+def stack_audio(encoded: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, mel, frames] features, [B, frames] mask) of prompts whose clips differ in length: right-padded
+    with zeros to the longest, mask 0 there (frames the thinker never reads)."""
+    frames = max(int(e.input_features.shape[-1]) for e in encoded)
+    features = encoded[0].input_features.new_zeros((len(encoded), encoded[0].input_features.shape[0], frames))
+    mask = encoded[0].feature_attention_mask.new_zeros((len(encoded), frames))
+    for i, e in enumerate(encoded):
+        n = int(e.input_features.shape[-1])
+        features[i, :, :n], mask[i, :n] = e.input_features, e.feature_attention_mask
+    return features, mask
 
 
 def collate(encoded: list[Encoded], repeats: int = 1, pad_token_id: int = 0, completions: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -149,9 +196,8 @@ def collate(encoded: list[Encoded], repeats: int = 1, pad_token_id: int = 0, com
         "attention_mask": mask,
         "pixel_values": torch.cat([e.pixel_values for e in items]),
         "image_grid_thw": torch.cat([e.image_grid_thw for e in items]),
-        "input_features": torch.stack([e.input_features for e in items]),
-        "feature_attention_mask": torch.stack([e.feature_attention_mask for e in items]),
     }
+    batch["input_features"], batch["feature_attention_mask"] = stack_audio(items)
     if completions is not None:
         comp = torch.stack(completions)
         batch["input_ids"] = torch.cat([ids, comp], dim=1)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .attention import layer_mask
-from .prompting import Encoded
+from .prompting import Encoded, stack_audio
 
 
 def thinker_of(model):
@@ -64,8 +64,8 @@ def encode_prompts(model, encoded: list[Encoded], device, float_dtype) -> list[P
     if not encoded:
         return []
     inner = thinker_of(model).model  # Qwen2_5OmniThinkerModel: towers + language model
-    fmask = torch.stack([e.feature_attention_mask for e in encoded]).to(device)
-    features = torch.stack([e.input_features for e in encoded]).to(device, float_dtype)
+    features, fmask = stack_audio(encoded)
+    fmask, features = fmask.to(device), features.to(device, float_dtype)
     audio = inner.get_audio_features(features, fmask, return_dict=True).last_hidden_state
     grids = torch.cat([e.image_grid_thw for e in encoded]).to(device)
     pixels = torch.cat([e.pixel_values for e in encoded]).to(device, float_dtype)

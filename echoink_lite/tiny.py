@@ -1,34 +1,94 @@
-"""An offline tiny Qwen2.5-Omni: tokenizer, processor and thinker built with the real classes.
+"""An offline tiny Qwen2.5-Omni, saved in the layout of the real `Qwen/Qwen2.5-Omni-7B` Hub checkpoint.
 
 No machine of this project can reach the Hugging Face Hub, yet the demo and the tests must go through the
-same loading code as the real 7B model. So we build, offline and in seconds:
+same loading code as the real 7B model, on the same files. So we build, offline and in seconds, a complete
+`Qwen2_5OmniForConditionalGeneration` (thinker + talker + token2wav, tiny widths, about 1 M thinker
+parameters) and write it the way the Hub repository holds it (`build_tiny_omni`, `echoink-lite tiny OUT`):
 
-- a byte-level BPE tokenizer (a few hundred tokens) trained on the prompt text, carrying the Omni special
-  tokens and the `<think>`/`<answer>` tags as single tokens;
-- the Qwen2.5-Omni chat template (reconstructed from the public template: default system turn, image then
-  audio placeholders), saved as `chat_template.jinja`;
-- a `Qwen2_5OmniThinkerForConditionalGeneration` with tiny widths (about 1 M parameters);
-- optionally a complete tiny `Qwen2_5OmniForConditionalGeneration` (thinker + talker + token2wav and a
-  `spk_dict.pt`), so merge/export of the full format is tested on the real class.
+- `config.json` with model_type `qwen2_5_omni` and `thinker_config`, `talker_config`, `token2wav_config`;
+  weights sharded as `model-0000i-of-0000N.safetensors` with `model.safetensors.index.json`, keys under
+  `thinker.`, `talker.` and `token2wav.`; the talker's speaker embeddings in `spk_dict.pt`;
+- the Qwen2 byte-level BPE: the same pre-tokenizer regex, NFC normalizer and byte-level decoder as the
+  real `tokenizer.json`, trained on the kit's prompt text only. The 14 Omni special tokens come after the
+  ordinary vocabulary in the real order (`<|endoftext|>` first, then `<|im_start|>`, `<|im_end|>`,
+  `<|AUDIO|>`, ... `<|VIDEO|>`: ids 151643-151656 in the real tokenizer), and the model's vocabulary is
+  padded past the tokenizer (152,064 rows for 151,665 tokens in the real one). `<think>`, `</think>`,
+  `<answer>` and `</answer>` are NOT tokens: they are spelled with several ordinary ones, as the real Qwen2
+  BPE spells them;
+- the tokenizer files the real repository ships (`tokenizer.json`, `vocab.json`, `merges.txt`,
+  `tokenizer_config.json`, `special_tokens_map.json`, `added_tokens.json`), with the processor's token
+  attributes (`image_token`, `audio_token`, ...) as top-level keys of `tokenizer_config.json`;
+- `preprocessor_config.json` with the real processor settings: a Whisper feature extractor that pads every
+  clip to 300 s (`chunk_length` 300, `n_samples` 4,800,000, `nb_max_frames` 30,000) and the Qwen2-VL image
+  processor's (`min_pixels` 3136, `max_pixels` 12845056); and `chat_template.json` (not
+  `processor_config.json` / `chat_template.jinja`, which transformers 5 writes when it saves a processor).
 
-Everything is saved as a normal model folder that `modeling.load_thinker` reads like a Hub checkpoint.
+`preprocessor_config.json` holds the values of Qwen/Qwen2.5-Omni-7B's file, key for key; the special tokens'
+order follows that repository's `added_tokens.json` (151643-151656). The Hub is not reachable from the
+machines this was written on, so both were taken from public copies of those files. The token attributes
+of `tokenizer_config.json` are top-level keys, a form transformers 5 reads (`extra_special_tokens` is the
+other; `modeling.load_processor` refuses a file with neither).
+
+The thinker-only layout stays available (`build_tiny_thinker`, `echoink-lite tiny OUT --thinker-only`):
+what `merge --format thinker` writes and what transformers' `save_pretrained` gives for a thinker and a
+processor (`processor_config.json`, `chat_template.jinja`). Both builders give the same thinker weights
+for the same seed. The tiny checkpoint is saved in fp32 (the real one is bf16) so that CPU training works.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import torch
 
 from .answer_protocol import PROMPT_INSTRUCTION
 
+# The Omni special tokens in the real tokenizer's order (ids 151643-151656 there; here right after the
+# ordinary vocabulary).
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>",
-    "<|vision_bos|>", "<|vision_eos|>", "<|IMAGE|>", "<|VIDEO|>",
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_bos|>", "<|vision_eos|>", "<|vision_pad|>", "<|IMAGE|>", "<|VIDEO|>",
 ]
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+# The tokenizer attributes `Qwen2_5OmniProcessor` reads (top-level keys of the real tokenizer_config.json).
+OMNI_TOKEN_ATTRIBUTES = {
+    "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
+    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+    "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+}
+# The answer-format tags: ordinary text, several tokens each (tests/test_hub_layout.py holds this).
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
 
-# The public Qwen2.5-Omni chat template (same rendering for the parts this kit uses).
+# preprocessor_config.json of Qwen/Qwen2.5-Omni-7B: one file for the Whisper feature extractor (audio padded
+# to 300 s) and the Qwen2-VL image processor.
+HUB_PREPROCESSOR_CONFIG = {
+    "chunk_length": 300,
+    "dither": 0.0,
+    "feature_extractor_type": "WhisperFeatureExtractor",
+    "feature_size": 128,
+    "hop_length": 160,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "max_pixels": 12845056,
+    "merge_size": 2,
+    "min_pixels": 3136,
+    "n_fft": 400,
+    "n_samples": 4800000,
+    "nb_max_frames": 30000,
+    "padding_side": "right",
+    "padding_value": 0.0,
+    "patch_size": 14,
+    "processor_class": "Qwen2_5OmniProcessor",
+    "return_attention_mask": True,
+    "sampling_rate": 16000,
+    "temporal_patch_size": 2,
+}
+WHISPER_KEYS = ("chunk_length", "dither", "feature_size", "hop_length", "n_fft", "padding_side", "padding_value",
+                "return_attention_mask", "sampling_rate")
+
+# The public Qwen2.5-Omni chat template (the real chat_template.json holds it under "chat_template").
 OMNI_CHAT_TEMPLATE = (
     "{% set audio_count = namespace(value=0) %}{% set image_count = namespace(value=0) %}"
     "{% set video_count = namespace(value=0) %}{% for message in messages %}"
@@ -53,9 +113,11 @@ OMNI_CHAT_TEMPLATE = (
 TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
 TINY_AUDIO = dict(d_model=64, encoder_layers=2, num_hidden_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128)
 TINY_VISION = dict(depth=2, hidden_size=64, embed_dim=64, intermediate_size=128, num_heads=2)
+VOCAB_MULTIPLE = 128  # the model's vocabulary is padded past the tokenizer, as the real one's is
+SHARD_SIZE = "2MB"  # a few shards and an index, like the Hub's five
 
 
-def _tokenizer_corpus() -> list[str]:
+def _tokenizer_corpus(keep_tags: bool = False) -> list[str]:
     from .synth import SYNTH_OPTIONS, SYNTH_QUESTION
 
     colours = ["red", "blue", "green", "yellow"]
@@ -67,65 +129,79 @@ def _tokenizer_corpus() -> list[str]:
         "The sound is low. The sound is high. A B C D E F",
         "red\nblue\nlow\nhigh\n",
     ]
+    if not keep_tags:  # no merge may join the tags' pieces into one token: the real BPE has none
+        lines = [re.sub(r"</?(think|answer)>", " ", line) for line in lines]
     return lines * 20
 
 
-def build_tiny_tokenizer(vocab_size: int = 1024):
-    """Train a byte-level BPE offline and wrap it as a Qwen2 tokenizer with the Omni token attributes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tiny_tokenizer(vocab_size: int = 1024, merge_tags: bool = False):
+    """Train a Qwen2-style byte-level BPE offline; the Omni special tokens follow the ordinary vocabulary.
+    `merge_tags` also learns merges inside the answer tags (fewer tokens for the prompt's instruction; for
+    benchmarks/bench_grpo.py, which matches the paper's prompt length in tokens, never for the tiny model)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import Qwen2TokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # The pipeline of the real tokenizer.json, as transformers' Qwen2Converter builds it (convert_slow_tokenizer.py).
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    bpe.post_processor = processors.ByteLevel(trim_offsets=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,  # its progress bars print only blank lines when stdout is not a terminal
     )
-    bpe.train_from_iterator(_tokenizer_corpus(), trainer)
+    bpe.train_from_iterator(_tokenizer_corpus(keep_tags=merge_tags), trainer)
+    bpe.add_special_tokens(SPECIAL_TOKENS)
     tok = Qwen2TokenizerFast(
-        tokenizer_object=bpe,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        # The processor reads these attributes, exactly as from the real Omni tokenizer_config.json.
-        extra_special_tokens={
-            "image_token": "<|IMAGE|>", "audio_token": "<|AUDIO|>", "video_token": "<|VIDEO|>",
-            "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
-            "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
-        },
+        tokenizer_object=bpe, unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens=dict(OMNI_TOKEN_ATTRIBUTES),  # the processor reads these attributes
     )
-    tok.add_tokens(TAG_TOKENS)
     tok.chat_template = OMNI_CHAT_TEMPLATE
     tok.model_max_length = 32768
     return tok
 
 
-def build_tiny_processor(tokenizer, max_pixels: int = 256 * 28 * 28, min_pixels: int = 4 * 28 * 28):
+def hub_feature_extractor():
+    """The Whisper feature extractor exactly as Qwen/Qwen2.5-Omni-7B configures it (pads to 300 s)."""
     from transformers import WhisperFeatureExtractor
 
+    cfg = HUB_PREPROCESSOR_CONFIG
+    return WhisperFeatureExtractor(**{k: cfg[k] for k in WHISPER_KEYS})
+
+
+def build_tiny_processor(tokenizer, max_pixels: int = 256 * 28 * 28, min_pixels: int = 4 * 28 * 28):
     from .modeling import OmniProcessorNoVideo, pil_image_processor_class
 
     image_processor = pil_image_processor_class()(min_pixels=min_pixels, max_pixels=max_pixels)
-    feature_extractor = WhisperFeatureExtractor(feature_size=128, return_attention_mask=True)
     return OmniProcessorNoVideo(
-        image_processor=image_processor, feature_extractor=feature_extractor, tokenizer=tokenizer,
+        image_processor=image_processor, feature_extractor=hub_feature_extractor(), tokenizer=tokenizer,
         chat_template=OMNI_CHAT_TEMPLATE,
     )
+
+
+def padded_vocab_size(tokenizer) -> int:
+    """The model's vocabulary: the tokenizer's length rounded up, with at least a few unused rows (the talker's
+    `tts_text_*` ids live there, as 151859-151861 do in the real 152,064-row vocabulary)."""
+    return -(-(len(tokenizer) + 3) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def tiny_thinker_config(tokenizer):
     from transformers import Qwen2_5OmniThinkerConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    user = tokenizer.convert_tokens_to_ids("user")
     cfg = Qwen2_5OmniThinkerConfig(
         audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
         bos_token_id=ids["<|im_start|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        user_token_id=0,
+        user_token_id=user if isinstance(user, int) else 0,
         text_config=dict(
-            **TINY_TEXT, vocab_size=len(tokenizer), max_position_embeddings=8192, tie_word_embeddings=False,
+            **TINY_TEXT, vocab_size=padded_vocab_size(tokenizer), max_position_embeddings=8192, tie_word_embeddings=False,
             rope_scaling={"mrope_section": [4, 6, 6], "rope_type": "default", "type": "default"},
         ),
         audio_config=dict(**TINY_AUDIO, num_mel_bins=128, output_dim=TINY_TEXT["hidden_size"], max_source_positions=1500, n_window=100),
@@ -142,34 +218,11 @@ def tiny_thinker_config(tokenizer):
     return cfg
 
 
-def build_tiny_thinker(out_dir: str | Path, seed: int = 0):
-    """Save a tiny thinker + tokenizer + processor to `out_dir`; returns the path."""
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
-
-    tokenizer = build_tiny_tokenizer()
-    processor = build_tiny_processor(tokenizer)
-    torch.manual_seed(seed)
-    model = Qwen2_5OmniThinkerForConditionalGeneration(tiny_thinker_config(tokenizer)).float()
-    _set_generation_defaults(model, tokenizer)
-    with _model_folder(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-    return Path(out_dir)
-
-
 def _model_folder(out_dir: str | Path):
     """The folder is written aside and swapped in, over nothing but an earlier `tiny` output (`safe_output`)."""
     from .safe_output import replacing_folder
 
     return replacing_folder(out_dir, "tiny", "tiny OUT")
-
-
-def _set_generation_defaults(model, tokenizer) -> None:
-    gc = model.generation_config
-    gc.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    gc.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    gc.do_sample, gc.temperature, gc.top_p, gc.top_k = True, 1.0, 0.95, 50
-    gc.use_cache = True
 
 
 def tiny_full_omni_config(tokenizer):
@@ -178,12 +231,14 @@ def tiny_full_omni_config(tokenizer):
 
     thinker = tiny_thinker_config(tokenizer)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = thinker.text_config.vocab_size
     talker = dict(
+        # The talker's own vocabulary is its speech codec's; its tts_text_* ids index the THINKER's vocabulary
+        # (unused rows past the tokenizer, as in the real checkpoint).
         vocab_size=64, embedding_size=TINY_TEXT["hidden_size"], hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-        tts_text_start_token_id=ids["<|im_start|>"], tts_text_end_token_id=ids["<|im_end|>"],
-        tts_text_pad_token_id=ids["<|endoftext|>"], tts_codec_start_token_id=60, tts_codec_end_token_id=61,
-        tts_codec_pad_token_id=62, tts_codec_mask_token_id=63,
+        tts_text_pad_token_id=vocab - 3, tts_text_start_token_id=vocab - 2, tts_text_end_token_id=vocab - 1,
+        tts_codec_start_token_id=60, tts_codec_end_token_id=61, tts_codec_pad_token_id=62, tts_codec_mask_token_id=63,
         audio_token_index=ids["<|AUDIO|>"], image_token_index=ids["<|IMAGE|>"], video_token_index=ids["<|VIDEO|>"],
         vision_start_token_id=ids["<|vision_bos|>"], vision_end_token_id=ids["<|vision_eos|>"],
         audio_start_token_id=ids["<|audio_bos|>"], audio_end_token_id=ids["<|audio_eos|>"],
@@ -203,19 +258,87 @@ def tiny_full_omni_config(tokenizer):
     return Qwen2_5OmniConfig(thinker_config=thinker.to_dict(), talker_config=talker, token2wav_config=token2wav)
 
 
-def build_tiny_full_omni(out_dir: str | Path, seed: int = 0):
-    """Save a tiny complete Qwen2.5-Omni (thinker + talker + token2wav + spk_dict.pt) to `out_dir`."""
+def _tiny_omni_model(tokenizer, seed: int):
     from transformers import Qwen2_5OmniForConditionalGeneration
 
-    tokenizer = build_tiny_tokenizer()
-    processor = build_tiny_processor(tokenizer)
     torch.manual_seed(seed)
-    model = Qwen2_5OmniForConditionalGeneration(tiny_full_omni_config(tokenizer)).float()
-    with _model_folder(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        # The real checkpoint ships speaker embeddings for the talker beside the weights (a torch file that
-        # transformers reads with weights_only=True); only tensors and plain values are in it.
+    return Qwen2_5OmniForConditionalGeneration(tiny_full_omni_config(tokenizer)).float()
+
+
+def build_tiny_omni(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save a tiny complete Qwen2.5-Omni to `out_dir` in the Hub repository's layout; returns the path."""
+    tokenizer = build_tiny_tokenizer()
+    model = _tiny_omni_model(tokenizer, seed)
+    with _model_folder(out_dir) as out:
+        model.save_pretrained(out, safe_serialization=True, max_shard_size=SHARD_SIZE)
+        # The real checkpoint ships speaker embeddings for the talker beside the weights (read back by
+        # transformers with torch.load(weights_only=True): tensors and ints only).
         torch.save({"Chelsie": {"cond": torch.randn(1, 16), "ref_mel": torch.randn(1, 8, 16), "bos_token": 0}},
-                   tmp / "spk_dict.pt")
+                   out / "spk_dict.pt")
+        write_hub_processor_files(tokenizer, out)
     return Path(out_dir)
+
+
+def build_tiny_thinker(out_dir: str | Path, seed: int = 0) -> Path:
+    """Save the tiny thinker alone (`model_type qwen2_5_omni_thinker`) with a processor saved by transformers;
+    the same thinker weights as `build_tiny_omni(seed=seed)`. Returns the path."""
+    tokenizer = build_tiny_tokenizer()
+    thinker = _tiny_omni_model(tokenizer, seed).thinker
+    _set_generation_defaults(thinker, tokenizer)
+    with _model_folder(out_dir) as out:
+        thinker.save_pretrained(out, safe_serialization=True)
+        build_tiny_processor(tokenizer).save_pretrained(out)
+    return Path(out_dir)
+
+
+# The builder's name before the Hub layout became the default: the same complete model.
+build_tiny_full_omni = build_tiny_omni
+
+
+def _set_generation_defaults(model, tokenizer) -> None:
+    gc = model.generation_config
+    gc.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    gc.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    gc.do_sample, gc.temperature, gc.top_p, gc.top_k = True, 1.0, 0.95, 50
+    gc.use_cache = True
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_hub_processor_files(tokenizer, out: str | Path) -> None:
+    """The tokenizer and processor files of the Hub repository, in its format (the one transformers 4.5x
+    wrote, which transformers 5 reads but no longer writes)."""
+    out = Path(out)
+    backend = tokenizer.backend_tokenizer
+    backend.save(str(out / "tokenizer.json"))
+    backend.model.save(str(out))  # vocab.json, merges.txt
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    additional = SPECIAL_TOKENS[1:]  # every special but <|endoftext|> (the pad token)
+    spec = dict(lstrip=False, normalized=False, rstrip=False, single_word=False)
+    _write_json(out / "added_tokens.json", {t: ids[t] for t in sorted(SPECIAL_TOKENS)})
+    _write_json(out / "special_tokens_map.json", {
+        "additional_special_tokens": additional,
+        "eos_token": {"content": "<|im_end|>", **spec},
+        "pad_token": {"content": "<|endoftext|>", **spec},
+    })
+    config = {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(ids[t]): {"content": t, **spec, "special": True} for t in SPECIAL_TOKENS},
+        "additional_special_tokens": additional,
+        **OMNI_TOKEN_ATTRIBUTES,
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "processor_class": "Qwen2_5OmniProcessor",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    _write_json(out / "tokenizer_config.json", dict(sorted(config.items())))
+    _write_json(out / "preprocessor_config.json", HUB_PREPROCESSOR_CONFIG)
+    _write_json(out / "chat_template.json", {"chat_template": OMNI_CHAT_TEMPLATE})

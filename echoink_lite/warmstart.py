@@ -9,10 +9,13 @@ correct letters was tried and left GRPO nothing to do.
 
 250 steps, not fewer: measured on the demo's data, 150 steps taught the colour but left the pitch at
 chance (the `<think>` named the right pitch for 64 of 128 validation items); 250 steps named both right for
-all 128, with the answer letter still at chance (32/128).
+all 128, with the answer letter still at chance (32/128). With the Hub-layout tokenizer, whose tags are 5-6
+tokens each, 250 steps still named colour and pitch right for all 128 (2026-12-04).
 
-Each prompt is encoded once (the Whisper extractor pads every clip to 30 s, so this is the slow part) and
-reused across steps. Both the encoding and the steps show progress with an ETA (`progress.phase_progress`).
+Each prompt is encoded once and reused across steps. Both the encoding and the steps show progress with an
+ETA (`progress.phase_progress`). The result is saved in the base's layout (`save_like_base`): from a
+complete Omni checkpoint (the Hub layout of `echoink-lite tiny`) a complete one, talker and token2wav
+copied, so that GRPO, evaluation and merge then load what users load.
 """
 
 from __future__ import annotations
@@ -79,6 +82,33 @@ def warm_start(base_dir: str | Path, train_split: str | Path, out_dir: str | Pat
             opt.step()
             advance(1, note=f"loss {loss.item():.3f}")
     with replacing_folder(out_dir, WARM_START_KIND, "warm start out_dir") as tmp:  # whole, over its own output only
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        save_like_base(model, processor, base_dir, tmp)
     return Path(out_dir)
+
+
+def save_like_base(thinker, processor, base_dir: str | Path, out_dir: str | Path) -> Path:
+    """Save a fine-tuned thinker in the layout of `base_dir`: thinker-only (with the processor saved by
+    transformers) from a thinker-only base; from a complete Qwen2.5-Omni base, the complete model with this
+    thinker, the base's talker and token2wav, shards of the base's size, and every other file of the base
+    (tokenizer and processor files, spk_dict.pt) copied as they are."""
+    import shutil
+
+    from transformers import Qwen2_5OmniForConditionalGeneration
+
+    from .modeling import resolve_thinker_config
+    from .safe_output import FOLDER_MARKER
+
+    base, out = Path(base_dir), Path(out_dir)
+    if not resolve_thinker_config(str(base))[1]:
+        thinker.save_pretrained(out, safe_serialization=True)
+        processor.save_pretrained(out)
+        return out
+    full = Qwen2_5OmniForConditionalGeneration.from_pretrained(str(base), dtype=torch.float32, device_map="cpu")
+    full.thinker.load_state_dict(thinker.state_dict())
+    shard = max(f.stat().st_size for f in base.glob("*.safetensors"))
+    full.save_pretrained(out, safe_serialization=True, max_shard_size=shard)
+    written = {"config.json", "generation_config.json", "model.safetensors.index.json", FOLDER_MARKER}
+    for f in sorted(base.iterdir()):
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in written:
+            shutil.copy2(f, out / f.name)
+    return out

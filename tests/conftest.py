@@ -19,16 +19,28 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from echoink_lite.tiny import build_tiny_thinker
+    """The tiny Qwen2.5-Omni in the layout of the Qwen/Qwen2.5-Omni-7B Hub repository (what users load):
+    full Omni config, sharded `thinker.`/`talker.`/`token2wav.` weights, spk_dict.pt, Hub tokenizer and
+    processor files."""
+    from echoink_lite.tiny import build_tiny_omni
 
-    return build_tiny_thinker(tmp_path_factory.mktemp("tiny-thinker"))
+    return build_tiny_omni(tmp_path_factory.mktemp("tiny-omni"))
 
 
 @pytest.fixture(scope="session")
-def tiny_full_model_dir(tmp_path_factory):
-    from echoink_lite.tiny import build_tiny_full_omni
+def tiny_full_model_dir(tiny_model_dir):
+    """The complete Omni checkpoint: the default tiny model is one (kept as a name for the tests that need
+    the talker and token2wav)."""
+    return tiny_model_dir
 
-    return build_tiny_full_omni(tmp_path_factory.mktemp("tiny-omni"))
+
+@pytest.fixture(scope="session")
+def tiny_thinker_only_dir(tmp_path_factory):
+    """The thinker-only layout (`tiny --thinker-only`: what `merge --format thinker` writes), with the same
+    thinker weights as `tiny_model_dir`."""
+    from echoink_lite.tiny import build_tiny_thinker
+
+    return build_tiny_thinker(tmp_path_factory.mktemp("tiny-thinker"))
 
 
 @pytest.fixture(scope="session")

@@ -99,10 +99,10 @@ def test_recipes_validate_prints_the_steps_when_the_data_is_readable(capsys, syn
     assert main(["recipes", "validate", TINY, f"data.train={synth_dir / 'train'}"]) == 0
     out = capsys.readouterr().out
     assert "8 prompts x 8 = 64 completions/step in 8 micro-batches of up to 8 (one group each), 1 decode batch(es)/step" in out
-    assert f"steps: 4 (2 per epoch x 2 epoch(s), at most schedule.max_steps=60); 16 usable rows in {synth_dir / 'train'}" in out
+    assert f"steps: 8 (2 per epoch x 4 epoch(s), at most schedule.max_steps=120); 16 usable rows in {synth_dir / 'train'}" in out
     assert main(["recipes", "validate", TINY, "data.train=/nonexistent/train"]) == 0
     out = capsys.readouterr().out
-    assert "steps: 2 epoch(s) x ceil(training rows / 8 prompts), at most schedule.max_steps=60; " \
+    assert "steps: 4 epoch(s) x ceil(training rows / 8 prompts), at most schedule.max_steps=120; " \
            "not counted: /nonexistent/train not found" in out
 
 

@@ -85,7 +85,14 @@ def prompt_batch(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def thinker_adapter(tiny_model_dir, tmp_path_factory):
+    """An adapter on the default tiny model (the Hub layout users load), merged by default to --format thinker."""
     return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter-thinker") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def thinker_only_adapter(tiny_thinker_only_dir, tmp_path_factory):
+    """An adapter whose base is a thinker-only checkpoint (e.g. an earlier `merge --format thinker`)."""
+    return make_adapter(tiny_thinker_only_dir, tmp_path_factory.mktemp("adapter-thinker-only") / "adapter")
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +127,14 @@ def lora_saved_keys(adapter_dir: Path, prefix: str = "") -> set[str]:
 # ------------------------------------------------------------------------------------------
 
 
-def test_merge_thinker_from_thinker_base_fp32(tiny_model_dir, thinker_adapter, prompt_batch, tmp_path):
+def test_merge_thinker_from_thinker_base_fp32(tiny_thinker_only_dir, thinker_only_adapter, prompt_batch, tmp_path):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     out = tmp_path / "merged"
-    report = merge_adapter(thinker_adapter, out, format="thinker", dtype="fp32", verify=True, console=QUIET)
+    report = merge_adapter(thinker_only_adapter, out, format="thinker", dtype="fp32", verify=True, console=QUIET)
 
     # base id came from adapter_config.json; the built-in verification passed and says what it measured
-    assert report["base"] == str(tiny_model_dir)
+    assert report["base"] == str(tiny_thinker_only_dir)
     assert report["ok"] is True
     v = report["verification"]
     assert v["logits"]["max_abs_diff"] <= v["logits"]["tolerance"] <= 2e-4
@@ -138,14 +145,14 @@ def test_merge_thinker_from_thinker_base_fp32(tiny_model_dir, thinker_adapter, p
     # independently: standard class reload, logits equal base + adapter (unmerged PEFT) in fp32
     merged = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32).eval()
     got = logits_of(merged, prompt_batch)
-    want, plain = reference_logits(tiny_model_dir, thinker_adapter, prompt_batch)
+    want, plain = reference_logits(tiny_thinker_only_dir, thinker_only_adapter, prompt_batch)
     assert (got - want).abs().max().item() < 1e-4
     assert (plain - want).abs().max().item() > 1e-2  # the adapter does change the logits
 
     # weights: LoRA targets differ from the base, everything else bit-identical, same key names
-    base_t, out_t = tensors(tiny_model_dir), tensors(out)
+    base_t, out_t = tensors(tiny_thinker_only_dir), tensors(out)
     assert set(out_t) == set(base_t)
-    lora_keys = lora_saved_keys(thinker_adapter)
+    lora_keys = lora_saved_keys(thinker_only_adapter)
     assert len(lora_keys) == 28 and lora_keys <= set(out_t)
     for k, t in out_t.items():
         assert t.dtype == torch.float32
@@ -162,7 +169,7 @@ def test_merge_thinker_from_thinker_base_fp32(tiny_model_dir, thinker_adapter, p
     assert not list(out.glob("*.bin")) and not (out / "spk_dict.pt").exists()
 
 
-def test_merge_thinker_and_full_from_full_base(tiny_full_model_dir, tiny_model_dir, full_adapter, prompt_batch, tmp_path):
+def test_merge_thinker_and_full_from_full_base(tiny_full_model_dir, tiny_thinker_only_dir, full_adapter, prompt_batch, tmp_path):
     from transformers import AutoConfig, Qwen2_5OmniForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration
 
     base_t = tensors(tiny_full_model_dir)
@@ -174,7 +181,7 @@ def test_merge_thinker_and_full_from_full_base(tiny_full_model_dir, tiny_model_d
     report = merge_adapter(full_adapter, out_t, format="thinker", dtype="fp32", verify=True, console=QUIET)
     assert report["ok"] is True and report["base_is_full"] is True
     merged_t = tensors(out_t)
-    assert set(merged_t) == set(tensors(tiny_model_dir))  # key naming of Qwen2_5OmniThinker...save_pretrained
+    assert set(merged_t) == set(tensors(tiny_thinker_only_dir))  # key naming of Qwen2_5OmniThinker...save_pretrained
     assert not any(k.startswith(("thinker.", "talker.", "token2wav.")) for k in merged_t)
     cfg = AutoConfig.from_pretrained(str(out_t))
     assert cfg.model_type == "qwen2_5_omni_thinker" and cfg.architectures == ["Qwen2_5OmniThinkerForConditionalGeneration"]
@@ -206,15 +213,15 @@ def test_merge_thinker_and_full_from_full_base(tiny_full_model_dir, tiny_model_d
     assert (logits_of(thinker_f, prompt_batch) - want).abs().max().item() < 1e-4
 
 
-def test_merge_bf16_is_half_the_size_and_shards(tiny_model_dir, thinker_adapter, tmp_path):
+def test_merge_bf16_is_half_the_size_and_shards(tiny_thinker_only_dir, thinker_adapter, tmp_path):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     # a sharded base, as transformers writes it (index + model-0000i-of-0000N.safetensors)
     sharded_base = tmp_path / "sharded-base"
-    Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(tiny_model_dir), dtype=torch.float32).save_pretrained(
+    Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(tiny_thinker_only_dir), dtype=torch.float32).save_pretrained(
         sharded_base, max_shard_size="1MB")
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json"):
-        shutil.copy(tiny_model_dir / name, sharded_base / name)
+        shutil.copy(tiny_thinker_only_dir / name, sharded_base / name)
     assert (sharded_base / "model.safetensors.index.json").is_file()
 
     # sharded output (small shard limit), fp32, from the single-file base
@@ -234,10 +241,10 @@ def test_merge_bf16_is_half_the_size_and_shards(tiny_model_dir, thinker_adapter,
 
     ratio = weight_bytes(out16) / weight_bytes(out32)
     assert 0.45 < ratio < 0.55, ratio
-    assert abs(weight_bytes(out32) / weight_bytes(tiny_model_dir) - 1) < 0.02  # fp32 base: an fp32 merge is the same size
+    assert abs(weight_bytes(out32) / weight_bytes(tiny_thinker_only_dir) - 1) < 0.02  # fp32 base: an fp32 merge is the same size
     assert json.loads((out16 / "config.json").read_text())["dtype"] == "bfloat16"
     t16, t32 = tensors(out16), tensors(out32)
-    assert set(t16) == set(t32) == set(tensors(tiny_model_dir))
+    assert set(t16) == set(t32) == set(tensors(tiny_thinker_only_dir))
     assert all(t.dtype == torch.bfloat16 for t in t16.values())
     # cast once from the fp32 merge: bf16 output == bf16(fp32 output), bit for bit
     assert all(torch.equal(t16[k], t32[k].to(torch.bfloat16)) for k in t32)
@@ -320,10 +327,10 @@ def test_unwritable_out_is_one_line_naming_the_path(thinker_adapter, tmp_path, c
     assert blocker.read_text() == "not a folder"
 
 
-def test_full_format_from_thinker_only_base_refused(thinker_adapter, tmp_path):
+def test_full_format_from_thinker_only_base_refused(thinker_only_adapter, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match="--format full needs a full Qwen2.5-Omni base") as err:
-        merge_adapter(thinker_adapter, out, format="full", console=QUIET)
+        merge_adapter(thinker_only_adapter, out, format="full", console=QUIET)
     assert "thinker-only" in str(err.value) and "--format thinker" in str(err.value)
     assert not out.exists()
 

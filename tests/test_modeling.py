@@ -61,14 +61,14 @@ def test_plain_name_list_would_hit_the_towers(tiny_model_dir):
     assert not any(rx.fullmatch(n) for n in bare)
 
 
-def test_thinker_loads_from_a_full_omni_checkpoint(tiny_full_model_dir):
-    cfg, is_full = modeling.resolve_thinker_config(str(tiny_full_model_dir))
-    assert is_full and cfg.model_type == "qwen2_5_omni_thinker"
-    m = modeling.load_thinker(str(tiny_full_model_dir), dtype="float32", device="cpu")
+def test_thinker_loads_from_a_thinker_only_checkpoint(tiny_thinker_only_dir):
+    cfg, is_full = modeling.resolve_thinker_config(str(tiny_thinker_only_dir))
+    assert not is_full and cfg.model_type == "qwen2_5_omni_thinker"
+    m = modeling.load_thinker(str(tiny_thinker_only_dir), dtype="float32", device="cpu")
     from safetensors.torch import load_file
 
-    sd = load_file(str(tiny_full_model_dir / "model.safetensors"))
-    torch.testing.assert_close(m.lm_head.weight, sd["thinker.lm_head.weight"])
+    sd = load_file(str(tiny_thinker_only_dir / "model.safetensors"))
+    torch.testing.assert_close(m.lm_head.weight, sd["lm_head.weight"])
 
 
 def test_non_omni_model_is_refused(tmp_path):
@@ -77,10 +77,12 @@ def test_non_omni_model_is_refused(tmp_path):
         modeling.resolve_thinker_config(str(tmp_path))
 
 
-def test_processor_round_trip_with_audio_and_image(tiny_model_dir):
-    proc = modeling.load_processor(str(tiny_model_dir), max_pixels=64 * 28 * 28)
+@pytest.mark.parametrize("layout", ["hub", "thinker-only"])
+def test_processor_round_trip_with_audio_and_image(tiny_model_dir, tiny_thinker_only_dir, layout):
+    folder = tiny_model_dir if layout == "hub" else tiny_thinker_only_dir
+    proc = modeling.load_processor(str(folder), max_pixels=64 * 28 * 28)
     assert type(proc).__name__ in ("OmniProcessorNoVideo", "Qwen2_5OmniProcessor")
-    saved = json.loads((tiny_model_dir / "processor_config.json").read_text())
+    saved = json.loads((folder / ("preprocessor_config.json" if layout == "hub" else "processor_config.json")).read_text())
     assert saved["processor_class"] == "Qwen2_5OmniProcessor"
     from echoink_lite.prompting import render_prompt
 
@@ -96,7 +98,7 @@ def test_processor_round_trip_with_audio_and_image(tiny_model_dir):
     assert ids.count(tok.convert_tokens_to_ids("<|IMAGE|>")) == 8
     assert out["input_features"].shape[:2] == (1, 128)
     assert int(out["feature_attention_mask"].sum()) == 200  # 100 mel frames per second
-    m = modeling.load_thinker(str(tiny_model_dir), dtype="float32", device="cpu")
+    m = modeling.load_thinker(str(folder), dtype="float32", device="cpu")
     with torch.no_grad():
         logits = m(**out).logits
     assert logits.shape[:2] == out["input_ids"].shape and torch.isfinite(logits).all()

@@ -236,7 +236,7 @@ def test_tiny_refuses_a_foreign_folder_and_replaces_its_own_model(tmp_path, caps
     assert main(["tiny", str(out)]) == 0
     assert main(["tiny", str(out)]) == 0  # its own model: replaced whole
     capsys.readouterr()
-    assert (out / "model.safetensors").is_file() and safe_output.folder_marker(out)["kind"] == "tiny"
+    assert (out / "model.safetensors.index.json").is_file() and safe_output.folder_marker(out)["kind"] == "tiny"
     (out / "notes.md").write_text("mine")
     assert main(["tiny", str(out)]) == 2
     assert "notes.md" in one_error_line(capsys)
