@@ -364,10 +364,10 @@ def step_prompts(run: Run, step: int) -> tuple[list[Row], list[Encoded]]:
 def _update(run: Run, loss_sum: float) -> dict[str, Any]:
     """All-reduce gradients, clip, optimizer and scheduler step; a non-finite step is skipped."""
     dst, params = run.dst, run.params
-    if dst.world > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+    for p in params:
+        if p.grad is None:  # no micro-batch ran here (all skipped): a zero gradient, as their backward would give
+            p.grad = torch.zeros_like(p)
+        if dst.world > 1:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
     has_grad = any(p.grad is not None for p in params)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.recipe.schedule.max_grad_norm)) if has_grad else 0.0
