@@ -65,11 +65,12 @@ def test_each_step_has_the_papers_gradients_to_the_bit(tiny_model_dir, synth_dir
         return out
 
     def update(run, loss_sum):
-        ours = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in run.params]
+        ours = [p.grad for p in run.params]  # None where no micro-batch ran (all skipped)
         run.optimizer.zero_grad(set_to_none=True)
         theirs_loss = paper_step_gradients(run, seen["prompts"], seen["roll"].completions, seen["adv"])
-        theirs = [p.grad.clone() for p in run.params]
-        compared.append(all(torch.equal(a, b) for a, b in zip(ours, theirs)) and loss_sum == theirs_loss)
+        theirs = [p.grad for p in run.params]
+        compared.append(all(torch.equal(torch.zeros_like(b) if a is None else a, b) for a, b in zip(ours, theirs))
+                        and loss_sum == theirs_loss)
         for p, grad in zip(run.params, ours):
             p.grad = grad
         return real_update(run, loss_sum)
@@ -78,13 +79,21 @@ def test_each_step_has_the_papers_gradients_to_the_bit(tiny_model_dir, synth_dir
     monkeypatch.setattr(grpo, "_advantages", advantages)
     monkeypatch.setattr(grpo, "_update", update)
     out = tmp_path / "run"
-    train(tiny_recipe(tiny_model_dir, synth_dir, out, schedule__max_steps=3, grpo__beta=beta, grpo__micro_batch_size=2,
-                      grpo__rewards={"rewards_for_tests:tied_on_even_ids": 1.0}))
+    recipe = dict(schedule__max_steps=3, grpo__beta=beta, grpo__micro_batch_size=2,
+                  grpo__rewards={"rewards_for_tests:tied_on_some_ids": 1.0})
+    res = train(tiny_recipe(tiny_model_dir, synth_dir, out, **recipe))
     assert compared == [True, True, True]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    skipped = sum(r["skipped_groups"] for r in rows)
-    assert sum(r["zero_advantage_groups"] for r in rows) > 0, "the test needs a tied group in one of its steps"
-    assert skipped == (sum(r["zero_advantage_groups"] for r in rows) if beta == 0 else 0)
+    # the test needs a step with one tied group (the normaliser still counts the skipped completions) and one
+    # where every group is tied (nothing runs: the update must still see zero gradients)
+    assert sorted(r["zero_advantage_groups"] for r in rows) == [1, 1, 2], "see rewards_for_tests.tied_on_some_ids"
+    assert [r["skipped_groups"] for r in rows] == ([r["zero_advantage_groups"] for r in rows] if beta == 0 else [0, 0, 0])
+    if beta == 0:  # and the whole run, optimizer steps included, equals one that skips nothing
+        full = train(tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "full", grpo__skip_zero_advantage_groups=False,
+                                 **recipe))
+        assert compared == [True] * 6
+        ours, theirs = dict(res.model.named_parameters()), dict(full.model.named_parameters())
+        assert all(torch.equal(ours[n], theirs[n]) for n in ours if "lora_" in n)
     if beta == 0:
         assert rows[-1]["skipped_token_share_run"] > 0
         assert rows[-1]["skipped_token_share_run"] == rows[-1]["zero_advantage_token_share_run"]
