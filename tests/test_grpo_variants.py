@@ -168,3 +168,23 @@ def test_a_few_steps_of_each_loss_type_give_finite_losses(tiny_model_dir, synth_
         assert not r["skipped_step"]
         if not r.get("masked_truncated_completions"):  # every completion masked leaves no gradient at all
             assert r["grad_norm"] > 0
+
+
+def test_two_updates_per_rollout_resume_where_they_stopped(tiny_model_dir, synth_dir, tmp_path):
+    """Checkpoints fall between steps, so a step's mu updates never straddle a resume; the learning-rate
+    schedule (steps x mu updates) continues where it was."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    over = dict(grpo__num_iterations=2, grpo__micro_batch_size=2, grpo__epsilon_high=0.28)
+    straight = train(tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "straight", **over))
+    split = tmp_path / "split"
+    shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-000002", split / "checkpoints" / "step-000002")
+    resumed = train(tiny_recipe(tiny_model_dir, synth_dir, split, **over), resume="auto")
+    a, b = (load_file(str(r.adapter_dir / "adapter_model.safetensors")) for r in (straight, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    rows = [json.loads(x) for x in (split / "metrics.jsonl").read_text().splitlines()]
+    first = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [u["lr"] for u in rows[-1]["updates"]] == pytest.approx([u["lr"] for u in first[-1]["updates"]])
