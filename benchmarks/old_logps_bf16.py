@@ -8,7 +8,8 @@ engine records each sampled token's log-prob while decoding (`RolloutResult.logp
 against its KV cache), and a no-grad pass of the policy over the finished completions (`loss.completion_logps`,
 the loss pass's own code). This script samples completions with the engine and compares both, on the real
 tokens, for the tiny Qwen2.5-Omni thinker (echoink_lite/tiny.py, random weights, LoRA with random non-zero
-weights as in tests/conftest.py) loaded through the kit's loader in bf16 and fp32, with and without the NF4 language model, on the synthetic data. It
+weights as in tests/conftest.py) loaded through the kit's loader in bf16 and fp32, with and without the NF4
+language model, on the synthetic data. It
 prints (and writes with --out) the largest and mean |difference| and the share of tokens whose ratio
 exp(difference) lies outside [0.8, 1.28] (TRL's and DAPO's clip range) and outside [0.99, 1.01].
 
@@ -48,8 +49,9 @@ def measure(dtype: str, four_bit: bool, model_dir: Path, data_dir: Path, groups:
     rows = scan_split(data_dir / "train").rows[:groups]
     encoded = [encode_example(proc, load_example(r, 1.0)) for r in rows]
     prompts = encode_prompts(model, encoded, "cpu", torch_dtype(dtype))
-    params = SamplingParams(max_new_tokens=max_new, eos_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_id=tok.pad_token_id,
-                            temperature=1.0, top_k=50, top_p=0.95, suppress_ids=tuple(multimodal_token_ids(tok)))
+    params = SamplingParams(max_new_tokens=max_new, eos_id=tok.convert_tokens_to_ids("<|im_end|>"),
+                            pad_id=tok.pad_token_id, temperature=1.0, top_k=50, top_p=0.95,
+                            suppress_ids=tuple(multimodal_token_ids(tok)))
     res = RolloutEngine(model, params, batch_size=groups * group_size, cuda_graph=False).generate(prompts, group_size)
     model.eval()  # as loss_pass.rollout_logps computes the old log-probs
     diffs = []
@@ -66,8 +68,8 @@ def measure(dtype: str, four_bit: bool, model_dir: Path, data_dir: Path, groups:
                 diffs.append(forward[i, : c.numel()] - res.logps[gi * group_size + i])
     d = torch.cat(diffs).double()
     ratio = d.exp()
-    return {"dtype": dtype, "nf4": four_bit, "tokens": int(d.numel()), "share_identical": float((d == 0).double().mean()),
-            "max_abs_diff": float(d.abs().max()),
+    return {"dtype": dtype, "nf4": four_bit, "tokens": int(d.numel()),
+            "share_identical": float((d == 0).double().mean()), "max_abs_diff": float(d.abs().max()),
             "mean_abs_diff": float(d.abs().mean()),
             "share_ratio_outside_0.8_1.28": float(((ratio < 0.8) | (ratio > 1.28)).double().mean()),
             "share_ratio_outside_0.99_1.01": float(((ratio < 0.99) | (ratio > 1.01)).double().mean())}

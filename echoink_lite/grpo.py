@@ -266,7 +266,8 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     rewards = torch.tensor(total_r, dtype=torch.float32)
     adv, std = _advantages(run, rewards)
     lengths = torch.tensor([c.numel() for c in comps], dtype=torch.float32)
-    masked = truncated(comps, run.engine.params.eos_id) if g.mask_truncated_completions else torch.zeros(len(comps), dtype=torch.bool)
+    masked = (truncated(comps, run.engine.params.eos_id) if g.mask_truncated_completions
+              else torch.zeros(len(comps), dtype=torch.bool))  # completions that get no loss
 
     # 4. loss pass (loss_pass.py): micro-batches of one group each; those whose advantages are all 0 are skipped
     # when that leaves the update unchanged (beta = 0) or when asked. The normaliser is the step's, over all

@@ -131,7 +131,8 @@ def backward_pass(model, prompts: list[PromptInputs], micro_batches: list[MicroB
     return stats
 
 
-def pass_sums(micro_batches: list[MicroBatch], group_count: int, passes: list[PassStats], masked: torch.Tensor) -> list[float]:
+def pass_sums(micro_batches: list[MicroBatch], group_count: int, passes: list[PassStats],
+              masked: torch.Tensor) -> list[float]:
     """This process's numbers for `pass_metrics`, to be summed over processes."""
     zero_groups = skipped_groups = 0
     for gi in range(group_count):
@@ -151,7 +152,8 @@ def pass_metrics(summed: list[float], counters: dict, g) -> dict:
     the prompt plus the padded completions. "_run" shares are since the run started."""
     (kl, kl_tokens, clip_low, clip_high, clip_units, masked, zero_groups, skipped_groups, tokens, zero_tokens,
      skipped_tokens) = summed
-    for key, value in (("loss_pass_tokens", tokens), ("zero_advantage_tokens", zero_tokens), ("skipped_tokens", skipped_tokens)):
+    for key, value in (("loss_pass_tokens", tokens), ("zero_advantage_tokens", zero_tokens),
+                       ("skipped_tokens", skipped_tokens)):
         counters[key] = counters.get(key, 0) + int(value)
     run_tokens = max(1, counters["loss_pass_tokens"])
     out = {
