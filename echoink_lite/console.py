@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .grpo_options import describe
+
 
 def make_console(console=None):
     if console is not None:
@@ -26,14 +28,15 @@ def print_plan(console, recipe, derived: dict, run_dir, start_step: int, n_bad: 
     rows = [
         ("model", f"{recipe.model.name_or_path}  ({quant})"),
         ("training rows", f"{derived['train_rows']} usable ({n_bad} rejected of {total})"),
-        ("steps", f"{derived['total_steps']} (starting at {start_step}; {derived['steps_per_epoch']} per epoch)"),
+        ("steps", f"{derived['total_steps']} (starting at {start_step}; {derived['steps_per_epoch']} per epoch)"
+                  + (f"; {g.num_iterations} updates each" if g.num_iterations > 1 else "")),
         ("prompts per step", str(g.prompts_per_step)),
         ("group size", str(g.group_size)),
         ("completions per step", f"{derived['completions_per_step']} ({derived['completions_per_process']} per process x {derived['world_size']})"),
         ("rollout", f"{derived['decode_batches_per_step']} decode batch(es) of up to {min(g.rollout_batch_size, derived['completions_per_process'])} rows; {engine}"),
         ("loss pass", f"prompt once per group, {derived['micro_batches_per_step']} micro-batches of up to {min(g.micro_batch_size, g.group_size)} completions"),
         ("completion tokens", f"up to {gen.max_completion_tokens} per completion, {derived['rollout_tokens_budget']} per step"),
-        ("KL beta / loss", f"{g.beta} / {g.loss_type}"),
+        ("loss", describe(recipe)),
         ("learning rate", f"{recipe.schedule.learning_rate} {recipe.schedule.lr_scheduler}"),
         ("outputs", str(run_dir)),
     ]

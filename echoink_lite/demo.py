@@ -266,6 +266,10 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
         "accuracy_both_swapped": swaps["both"].accuracy,
         "format_failure_before": before.format_failure_rate, "format_failure_after": after.format_failure_rate,
         "grpo_steps": result.steps_done, "validation_rows": len(rows), "merge_verification": _jsonable(report),
+        # loss-pass tokens (prompt + padded completions per micro-batch) over the whole GRPO run: the share in
+        # micro-batches whose advantages were all 0, and the share the run skipped (grpo.skip_zero_advantage_groups)
+        "zero_advantage_token_share": result.last_metrics.get("zero_advantage_token_share_run"),
+        "skipped_token_share": result.last_metrics.get("skipped_token_share_run"),
         "infer_example": {"problem_id": row.problem_id, "gold": row.answer, "answer": answer.get("answer")},
         "seconds": timings, "total_seconds": round(time.time() - t0, 1), "quick": quick,
         "torch_threads": torch.get_num_threads(), "usable_cpus": usable_cpus(),
@@ -297,6 +301,8 @@ def _print_final(console: Console, s: dict, out: Path) -> None:
     t.add_row("  ... with both swapped", pct(s["accuracy_both_swapped"]))
     t.add_row("format failures after GRPO", pct(s["format_failure_after"]))
     t.add_row("GRPO steps", str(s["grpo_steps"]))
+    t.add_row("loss-pass tokens in zero-advantage groups", pct(s["zero_advantage_token_share"]))
+    t.add_row("  ... skipped (beta 0, or skip_zero_advantage_groups)", pct(s["skipped_token_share"]))
     t.add_row("total time", f"{s['total_seconds']:.0f} s, {s['torch_threads']} torch thread(s)")
     console.print(t)
     console.print(f"everything is in {out} (demo_summary.json, run/metrics.jsonl, run/curves.png, merged/)")

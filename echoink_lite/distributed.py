@@ -44,6 +44,15 @@ class Dist:
         dist.all_reduce(on_group, op=dist.ReduceOp.SUM)
         return on_group.to(t.device)
 
+    def gather_(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's `t` (same shape on each), concatenated in rank order along dim 0."""
+        if self.world == 1:
+            return t
+        on_group = t.to(self.device)
+        parts = [torch.empty_like(on_group) for _ in range(self.world)]
+        dist.all_gather(parts, on_group)
+        return torch.cat(parts).to(t.device)
+
 
 def setup_dist() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -7,12 +7,20 @@ One optimizer step (the paper's algorithm: EchoInk-R1, built on R1-V's GRPO trai
   2. rollout: `group_size` completions per prompt, sampled by the rollout engine (rollout.py: one prefill
      per prompt, static KV cache, sampling on the device, CUDA graph where it works);
   3. rewards (accuracy + format by default) and group advantages (r - mean) / (std + eps);
-  4. loss pass (loss.py): per micro-batch of one group's completions, the prompt runs once and the
-     completions attend to its keys/values; policy log-probs with LoRA on, reference log-probs with the
+  4. loss pass (loss.py, loss_pass.py): per micro-batch of one group's completions, the prompt runs once and
+     the completions attend to its keys/values; policy log-probs with LoRA on, reference log-probs with the
      adapters disabled (beta > 0 only); loss = -(exp(logp - logp.detach()) * A) + beta * k3-KL, averaged per
      sequence then over the step; backward;
   5. gradients all-reduced over processes, clipped, AdamW + scheduler step. One update per rollout, so no
      ratio clipping is needed (the ratio is exactly 1 in value; its gradient is the policy gradient).
+
+Beyond the paper, with TRL 1.16's names (grpo_options.py, loss_variants.py): other loss types and
+sequence-level ratios (GSPO); advantages scaled by the batch's std or not at all; truncated completions
+masked; `num_iterations` (mu) > 1 updates per step over the same completions, clipped against the rollout
+policy's log-probs. A step is then one rollout and its mu updates: the data order and the number of steps are
+those of mu = 1, the optimizer makes steps x mu updates and the learning-rate schedule runs over the updates
+(TRL counts each update as a step: its max_steps and warmup_steps are ours x mu). Micro-batches whose
+advantages are all 0 skip the loss pass when that leaves the update the same (beta = 0; loss_pass.py).
 
 Why not TRL's GRPOTrainer: stock TRL 1.16 drops the audio from the loss forward (its loss pass re-processes
 the prompts with images only), and the kit also needs atomic checkpoints on a timer, a resume that refuses
@@ -41,7 +49,9 @@ from . import run_folder
 from .console import make_console, print_plan, print_step, warn_on_metrics
 from .data import Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .distributed import Dist, setup_dist
-from .loss import completion_logps, group_advantages, grpo_loss
+from .grpo_options import skips_zero_advantage
+from .loss_pass import backward_pass, pass_metrics, pass_sums, plan_micro_batches, rollout_logps
+from .loss_variants import LossSpec, advantages, step_normaliser, truncated
 from .metrics import MetricsWriter, plot_run
 from .modeling import add_lora, load_processor, load_thinker_from_recipe, multimodal_token_ids, torch_dtype
 from .preflight import check_memory_fits, host_memory_problem, preflight_longest_prompts
@@ -119,6 +129,7 @@ class Run:
     rewards: list
     float_dtype: torch.dtype
     console: Any
+    spec: LossSpec
     counters: dict[str, Any] = field(default_factory=dict)
     skip_budget: SkipBudget | None = None  # when skipped rows stop the run (row_skips.py)
 
@@ -294,40 +305,32 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
                    problem=[r.problem for r in slot_rows])
     total_r, per_name = compute_rewards(run.rewards, texts, **columns) if texts else ([], {n: [] for n, _, _ in run.rewards})
     rewards = torch.tensor(total_r, dtype=torch.float32)
-    adv, std = group_advantages(rewards, g.group_size, g.advantage_eps) if len(rewards) else (rewards, rewards)
+    adv, std = _advantages(run, rewards)
     lengths = torch.tensor([c.numel() for c in comps], dtype=torch.float32)
+    masked = (truncated(comps, run.engine.params.eos_id) if g.mask_truncated_completions
+              else torch.zeros(len(comps), dtype=torch.bool))  # completions that get no loss
 
-    # 4. loss pass: per micro-batch of one group, policy (and reference) log-probs, backward.
-    # The normaliser counts all processes' completions (or tokens), so summed gradients equal the mean.
-    n_local = float(len(comps)) if g.loss_type == "sequence" else float(lengths.sum())
-    normaliser = max(1.0, float(dst.sum_(torch.tensor([n_local])).item()))
+    # 4. loss pass (loss_pass.py): micro-batches of one group each; those whose advantages are all 0 are skipped
+    # when that leaves the update unchanged (beta = 0) or when asked. The normaliser is the step's, over all
+    # processes (loss_variants.step_normaliser), so the gradients summed over micro-batches and processes are the
+    # step's gradient.
     t_loss = time.time()
-    run.optimizer.zero_grad(set_to_none=True)
-    loss_sum = kl_sum = kl_tokens = 0.0
-    for gi, prompt in enumerate(prompts):
-        members = sorted(range(gi * g.group_size, (gi + 1) * g.group_size), key=lambda i: -comps[i].numel())
-        for s in range(0, len(members), g.micro_batch_size):
-            idx = members[s: s + g.micro_batch_size]
-            ids = _pad([comps[i] for i in idx], run.processor.tokenizer.pad_token_id).to(dst.device)
-            mask = _pad([torch.ones_like(comps[i]) for i in idx], 0).to(dst.device)
-            ref = None
-            if g.beta > 0:
-                with torch.no_grad(), model.disable_adapter():
-                    ref = completion_logps(model, prompt, ids, mask, recipe.generation.temperature, g.logprob_chunk_tokens)
-            logps = completion_logps(model, prompt, ids, mask, recipe.generation.temperature, g.logprob_chunk_tokens,
-                                     checkpoint_layers=recipe.model.gradient_checkpointing)
-            loss, kl = grpo_loss(logps, ref, adv[idx].to(dst.device), mask, g.beta, g.loss_type, normaliser)
-            loss.backward()
-            loss_sum += float(loss.detach())
-            kl_sum += float((kl.detach() * mask).sum())
-            kl_tokens += float(mask.sum())
+    mbs = plan_micro_batches(prompts, comps, adv, ~masked, g.group_size, g.micro_batch_size,
+                             run.processor.tokenizer.pad_token_id, dst.device, skips_zero_advantage(g))
+    active_tokens = float(sum(int(mb.mask.sum()) for mb in mbs))
+    counts = dst.sum_(torch.tensor([float(len(comps)), active_tokens, float(len(mbs))], dtype=torch.float64)).tolist()
+    normaliser = step_normaliser(run.spec, *counts)
+    if g.num_iterations > 1:  # the rollout policy's log-probs, once, for the clipped ratio of every update
+        rollout_logps(model, prompts, mbs, recipe.generation.temperature, g.logprob_chunk_tokens, g.beta)
 
-    # 5. update: all-reduce, clip, step (a non-finite step is skipped, the schedule still advances)
-    update = _update(run, loss_sum)
-    if update["skipped_step"]:  # the rows of the current streak of non-finite steps, for the stop message
-        run.counters.setdefault("nonfinite_rows", []).append([str(r.problem_id) for r in rows])
-    else:
-        run.counters["nonfinite_rows"] = []
+    # 5. update(s): backward over the step, all-reduce, clip, step; mu times over the same completions
+    updates = []
+    for _ in range(g.num_iterations):
+        run.optimizer.zero_grad(set_to_none=True)
+        passed = backward_pass(model, prompts, mbs, run.spec, normaliser, recipe.generation.temperature,
+                               g.logprob_chunk_tokens, recipe.model.gradient_checkpointing)
+        updates.append((_update(run, passed.loss), passed))
+    _count_nonfinite(run, any(u["skipped_step"] for u, _ in updates), rows)
     t_loss = time.time() - t_loss
 
     # metrics summed over processes
@@ -335,7 +338,8 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     local = torch.tensor(
         [sum(per_name[n]) for n in names]
         + [float(rewards.sum()), float(len(comps)), float((std < 1e-8).sum()) if len(std) else 0.0, float(len(std)),
-           float(lengths.sum()), kl_sum, kl_tokens, float(roll.tokens if roll else 0), roll.seconds if roll else 0.0],
+           float(lengths.sum()), float(roll.tokens if roll else 0), roll.seconds if roll else 0.0]
+        + pass_sums(mbs, len(prompts), [p for _, p in updates], masked),
         dtype=torch.float64,
     )
     tot = dst.sum_(local).tolist()
@@ -348,14 +352,14 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
         format_rate=metrics.get("reward/format"),
         zero_std_fraction=tot[k + 2] / max(1.0, tot[k + 3]),  # groups whose completions all got the same reward
         completion_length=tot[k + 4] / n,
-        kl=tot[k + 5] / max(1.0, tot[k + 6]) if g.beta > 0 else None,
-        **update,
-        rollout_tokens_per_s=tot[k + 7] / max(1e-9, tot[k + 8] / dst.world),  # tokens over mean rollout time
+        **_update_metrics(updates),
+        rollout_tokens_per_s=tot[k + 5] / max(1e-9, tot[k + 6] / dst.world),  # tokens over mean rollout time
         step_time_s=time.time() - t0,
         rollout_time_s=roll.seconds if roll else 0.0,
         train_time_s=t_loss,
         rollout_path=roll.path if roll else None,
         skipped_rows=run.counters["skipped_rows"],
+        **pass_metrics(tot[k + 7:], run.counters, g),  # kl, the skipped groups and tokens, clipping
     )
     metrics.update(_peak_memory(dst.device))
     if recipe.logging.log_completions_every and (step + 1) % recipe.logging.log_completions_every == 0 and texts:
@@ -407,21 +411,13 @@ def step_prompts(run: Run, step: int) -> tuple[list[Row], list[Encoded]]:
     return [r for r, _ in mine], [e for _, e in mine]
 
 
-def _pad(seqs: list[torch.Tensor], value: int) -> torch.Tensor:
-    width = max(1, max(int(c.numel()) for c in seqs))
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, c in enumerate(seqs):
-        out[i, : c.numel()] = c
-    return out
-
-
 def _update(run: Run, loss_sum: float) -> dict[str, Any]:
     """All-reduce gradients, clip, optimizer and scheduler step; a non-finite step is skipped."""
     dst, params = run.dst, run.params
-    if dst.world > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+    for p in params:
+        if p.grad is None:  # no micro-batch ran here (all skipped): a zero gradient, as their backward would give
+            p.grad = torch.zeros_like(p)
+        if dst.world > 1:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
     has_grad = any(p.grad is not None for p in params)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.recipe.schedule.max_grad_norm)) if has_grad else 0.0
@@ -430,15 +426,45 @@ def _update(run: Run, loss_sum: float) -> dict[str, Any]:
     lr = run.scheduler.get_last_lr()[0]
     if finite:
         run.optimizer.step()
-        run.counters["nonfinite_in_a_row"] = 0
     else:
         run.optimizer.zero_grad(set_to_none=True)
-        run.counters["nonfinite_steps"] += 1
-        run.counters["nonfinite_in_a_row"] += 1
     with warnings.catch_warnings():  # a skipped step steps the scheduler without the optimizer, on purpose
         warnings.simplefilter("ignore", UserWarning)
         run.scheduler.step()  # the schedule follows steps taken, skipped or not, so resume stays aligned
     return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "skipped_step": not finite}
+
+
+def _count_nonfinite(run: Run, nonfinite: bool, rows: list[Row]) -> None:
+    """A step with a non-finite update counts once towards grpo.max_nonfinite_steps (in a row); the rows of the
+    current streak of such steps are kept for the stop message (row_skips.nonfinite_rows_note)."""
+    if nonfinite:
+        run.counters["nonfinite_steps"] += 1
+        run.counters["nonfinite_in_a_row"] += 1
+        run.counters.setdefault("nonfinite_rows", []).append([str(r.problem_id) for r in rows])
+    else:
+        run.counters["nonfinite_in_a_row"] = 0
+        run.counters["nonfinite_rows"] = []
+
+
+def _update_metrics(updates: list) -> dict[str, Any]:
+    """loss, grad_norm, lr and skipped_step of the step; with several updates per rollout, the mean loss and
+    gradient norm, the first update's learning rate, and each update's own values under `updates`."""
+    first = updates[0][0]
+    if len(updates) == 1:
+        return first
+    losses, norms = [u["loss"] for u, _ in updates], [u["grad_norm"] for u, _ in updates]
+    return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), "lr": first["lr"],
+            "skipped_step": any(u["skipped_step"] for u, _ in updates),
+            "updates": [{"loss": u["loss"], "grad_norm": u["grad_norm"], "lr": u["lr"]} for u, _ in updates]}
+
+
+def _advantages(run: Run, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, per-group std) with grpo.scale_rewards; 'batch' takes the std of every process's rewards."""
+    g = run.recipe.grpo
+    if not len(rewards):
+        return rewards, rewards
+    everyone = run.dst.gather_(rewards) if g.scale_rewards == "batch" else None
+    return advantages(rewards, g.group_size, g.scale_rewards, g.advantage_eps, everyone)
 
 
 def _peak_memory(device) -> dict[str, float]:
@@ -498,7 +524,11 @@ def _build_run(recipe: Recipe, dst: Dist, rows, schedule, total_steps: int, proc
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay)
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=total_steps)
+    # With num_iterations (mu) > 1 each step makes mu optimizer updates; the schedule runs over the updates (as
+    # TRL's, whose steps are updates), warm-up included: schedule.warmup_steps and the step count stay in steps.
+    mu = recipe.grpo.num_iterations
+    scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=s.warmup_steps * mu,
+                              num_training_steps=total_steps * mu)
     gen = recipe.generation
     sampling = SamplingParams(
         max_new_tokens=gen.max_completion_tokens, eos_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_id=tok.pad_token_id,
@@ -508,7 +538,7 @@ def _build_run(recipe: Recipe, dst: Dist, rows, schedule, total_steps: int, proc
     engine = RolloutEngine(model, sampling, batch_size=recipe.grpo.rollout_batch_size, cuda_graph=gen.cuda_graph)
     return Run(recipe=recipe, dst=dst, rows=rows, schedule=schedule, processor=processor, model=model, engine=engine,
                optimizer=optimizer, scheduler=scheduler, params=params, rewards=resolve_rewards(recipe.grpo.rewards),
-               float_dtype=torch_dtype(recipe.model.dtype), console=console)
+               float_dtype=torch_dtype(recipe.model.dtype), console=console, spec=LossSpec.from_recipe(recipe))
 
 
 def _saved_schedule(state: dict, recipe: Recipe) -> list[list[int]] | None:

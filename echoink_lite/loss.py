@@ -16,15 +16,16 @@ completion, and gradients flow back through them into the prompt pass. tests/tes
 from G x (P + R) to P + G x R. With `checkpoint_layers`, each decoder layer keeps only its input and is
 recomputed in backward (the kit's gradient checkpointing; transformers' own would drop the shared prefix).
 
-The loss is the paper's: ratio exp(logp - logp.detach()) (1 in value: one update per rollout), times the
-group advantage, plus beta x the k3 KL estimate to the reference (log-ratio clamped to [-10, 10]), averaged
-per sequence then over the step's completions (EchoInk-R1's trainer, from R1-V's GRPO trainer).
+The loss formulas (the paper's and TRL's variants) and the advantages are in loss_variants.py; `grpo_loss` and
+`group_advantages` here are the names the rest of the kit and its tests have always used.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .grpo_options import canonical_loss_type
+from .loss_variants import LossSpec, group_advantages, policy_loss  # noqa: F401 (group_advantages: its old home)
 from .thinker_forward import CaptureKV, PromptInputs, language_model, rope, run_layers, text_positions, thinker_of, token_logps
 
 
@@ -74,26 +75,11 @@ def completion_logps(model, prompt: PromptInputs, completion_ids: torch.Tensor, 
     return out
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, per-group std) for rewards laid out group by group: (r - mean) / (std + eps)."""
-    g = rewards.view(-1, group_size)
-    std = g.std(dim=1)  # unbiased, as the original
-    adv = (g - g.mean(dim=1, keepdim=True)) / (std.unsqueeze(1) + eps)
-    return adv.view(-1), std
-
-
 def grpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
               beta: float, loss_type: str, normaliser: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss to backward, per-token KL) for one micro-batch; `normaliser` = completions (or tokens) in the step."""
-    ratio = torch.exp(logps - logps.detach())  # 1 in value; the gradient is the policy gradient
-    per_token = -ratio * advantages.unsqueeze(1)
-    kl = torch.zeros_like(logps)
-    if beta > 0 and ref_logps is not None:
-        log_ratio = (ref_logps - logps).clamp(-10, 10)
-        kl = torch.exp(log_ratio) - log_ratio - 1  # k3 estimator, as the paper
-        per_token = per_token + beta * kl
-    maskf = mask.float()
-    if loss_type == "sequence":
-        per_seq = (per_token * maskf).sum(1) / maskf.sum(1).clamp(min=1)
-        return per_seq.sum() / normaliser, kl
-    return (per_token * maskf).sum() / normaliser, kl
+    """(loss to backward, per-token KL) for one micro-batch with one update per rollout; `normaliser` is the
+    step's divisor for `loss_type` (`loss_variants.step_normaliser`: completions for 'grpo', the paper's, alias
+    'sequence'; tokens for 'dapo', alias 'token'). `loss_variants.policy_loss` is the general form."""
+    out = policy_loss(logps, None, ref_logps, advantages, mask, LossSpec(canonical_loss_type(loss_type), beta=beta),
+                      normaliser)
+    return out.loss, out.kl

@@ -56,6 +56,9 @@ group; the prompt runs once, Nt = prompt + Bm x completion tokens):
         fp32 logits, logsumexp working copy and the gradient (recomputed in backward, never kept);
     without checkpointing: every layer's saved tensors at once, plus the larger of one layer's gradients
     and the log-prob chunk.
+With grpo.num_iterations (mu) > 1 the training phase also holds the rollout policy's log-probs of every
+completion of the process (and the reference's when beta > 0), fp32: completions x completion x 4 bytes each,
+computed before the updates by a no-grad policy pass per micro-batch, as large as a reference forward.
 Both phases hold one dequantized 4-bit weight (the largest, I x H x bytes) when load_in_4bit.
 Overhead: the CUDA context (a constant 1.0 GiB; 0.83 GiB measured on an H100) and the caching allocator's
 reserve beyond its allocated peak (ALLOCATOR_RESERVE_FRACTION of the peak, with expandable segments on).
@@ -128,6 +131,8 @@ COMPONENT_LABELS = {
     "train_layer_grads": "one layer's gradients",
     "train_logprob_chunk": "log-prob chunk (logits, logsumexp, grad)",
     "train_reference_forward": "reference forward (no grad)",
+    "train_old_logps_forward": "rollout policy's log-prob pass (no grad; num_iterations > 1)",
+    "train_kept_logps": "old (and reference) log-probs kept for the num_iterations updates (fp32)",
     "dequant_buffer": "dequantized 4-bit weight (largest layer)",
     "cuda_context": "CUDA context (constant)",
     "allocator_reserve": "allocator reserve beyond the peak",
@@ -529,8 +534,15 @@ def estimate_memory(recipe: Recipe, gpu_memory_gb: float | None = None, *, confi
         comp["train_layer_grads"] = layer_grads
         policy = together("policy", "train_all_layers", "train_prefix_kv",
                           largest_of("backward_step", "train_layer_grads", "train_logprob_chunk"))
-    training = together("training", "prompt_embeddings", "dequant_buffer",
-                        largest_of("reference_or_policy", "train_reference_forward", policy))
+    kept, passes = (), ("train_reference_forward",)
+    if recipe.grpo.num_iterations > 1:  # mu updates per rollout (loss_pass.py)
+        # the rollout policy's log-probs (and the reference's, beta > 0) of every completion, fp32, kept for the
+        # step's updates; computed by a no-grad policy pass per micro-batch, the size of a reference forward
+        comp["train_kept_logps"] = per_step * C * 4 * (2 if recipe.grpo.beta > 0 else 1)
+        comp["train_old_logps_forward"] = prefix_kv + Nc * (H + NOGRAD_H * H + NOGRAD_I * I) * cb + attention_kv
+        kept, passes = ("train_kept_logps",), ("train_reference_forward", "train_old_logps_forward")
+    training = together("training", "prompt_embeddings", "dequant_buffer", *kept,
+                        largest_of("reference_or_policy", *passes, policy))
 
     # the peak: one phase at a time, then what torch's allocator and CUDA hold beyond it
     comp["cuda_context"] = CUDA_CONTEXT_GIB * GIB

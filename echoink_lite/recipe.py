@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from .grpo_options import canonical_loss_type, math_keys, upgrade_saved_math, variant_problem
 
 from . import strict_yaml
 from .attention import refusal as attention_refusal
@@ -82,14 +84,29 @@ class GRPOSection(_Section):
     micro_batch_size: int = Field(4, ge=1, description="Completions of one group per loss forward/backward (the group's prompt runs once per micro-batch); higher = fewer prompt passes, more activation memory.")
     rollout_batch_size: int = Field(16, ge=1, description="Completions decoded together in one static KV cache; higher = faster rollouts, more KV-cache memory (rows x (prompt + completion tokens) x 56 KiB on the 7B).")
     beta: float = Field(0.001, ge=0.0, description="KL penalty weight (the paper: 0.001, k3 estimator). 0 skips the reference forward pass.")
-    loss_type: Literal["sequence", "token"] = Field("sequence", description="'sequence' averages each completion's tokens then the batch (the paper); 'token' averages all tokens.")
-    advantage_eps: float = Field(1e-4, gt=0, description="Advantage = (r - group mean) / (group std + eps).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"] = Field("grpo", description="TRL's loss types (loss_variants.py has each formula): grpo = per-completion token mean, then mean over the step's completions (the paper; alias 'sequence'); bnpo = token mean per micro-batch; dr_grpo = token sum / (max_completion_tokens x completions); dapo = token mean over the whole step (alias 'token'); cispo = dapo with a capped, detached ratio; sapo = grpo with a soft gate instead of clipping.")
+    importance_sampling_level: Literal["token", "sequence"] = Field("token", description="Ratio per token, or per completion from its mean token log-ratio (GSPO).")
+    num_iterations: int = Field(1, ge=1, description="Updates per rollout (mu). 1 = the paper: the ratio is exactly 1 and no old log-probs are computed; >1 reuses the step's completions, clipped against the rollout policy's log-probs.")
+    epsilon: float = Field(0.2, gt=0, lt=1, description="Lower clipping epsilon: the ratio is clipped to [1 - epsilon, 1 + epsilon_high] (matters with num_iterations > 1).")
+    epsilon_high: float | None = Field(None, gt=0, description="Upper clipping epsilon (null = epsilon; DAPO: 0.28). For cispo, the cap on the ratio itself (ScaleRL: 5.0).")
+    sapo_temperature_pos: float = Field(1.0, gt=0, description="sapo's gate temperature for tokens with a positive advantage.")
+    sapo_temperature_neg: float = Field(1.05, gt=0, description="sapo's gate temperature for the other tokens.")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Advantage = (r - group mean) / (std + advantage_eps) with the std of the group (the paper) or of the whole step ('batch'), or r - group mean ('none', Dr. GRPO).")
+    advantage_eps: float = Field(1e-4, gt=0, description="Added to the std the advantages are divided by.")
+    mask_truncated_completions: bool = Field(False, description="A completion that hit max_completion_tokens without EOS gets no loss (DAPO); its reward still counts in its group's advantages.")
+    skip_zero_advantage_groups: bool | Literal["auto"] = Field("auto", description="Skip the loss pass of micro-batches whose advantages are all 0 (groups whose completions all got the same reward). auto = when beta is 0, where it is exact; true with beta > 0 also drops their KL term (an approximation).")
     rewards: dict[str, float] = Field(
         default_factory=lambda: {"accuracy": 1.0, "format": 1.0},
         description="Reward name (built-in or 'package.module:function') -> weight; the paper sums accuracy and format.",
     )
     logprob_chunk_tokens: int = Field(256, ge=16, description="Completion tokens turned into vocabulary logits at once in the loss pass; lower = less memory, more passes.")
     max_nonfinite_steps: int = Field(3, ge=1, description="Stop after this many steps in a row whose loss or gradients are not finite.")
+
+
+    @field_validator("loss_type", mode="before")
+    @classmethod
+    def _loss_type_alias(cls, value: Any) -> Any:
+        return canonical_loss_type(value)  # 'sequence' and 'token', the kit's first names, still read
 
 
 class GenerationSection(_Section):
@@ -198,6 +215,9 @@ class Recipe(_Section):
                     raise ValueError(f"grpo.rewards['{name}']: {problem}")
         if self.quantization.quantize_lm_head and not self.quantization.load_in_4bit:
             raise ValueError("quantization.quantize_lm_head needs quantization.load_in_4bit: true")
+        problem = variant_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
     # ---- derived numbers -------------------------------------------------------------------------
@@ -261,7 +281,7 @@ class Recipe(_Section):
     def math_dict(self) -> dict[str, Any]:
         """The recipe without fields that cannot change the math (used for the resume hash)."""
         flat = flatten(self.model_dump(mode="json"))
-        return {k: v for k, v in flat.items() if not _is_non_math(k)}
+        return {k: v for k, v in flat.items() if not _is_non_math(k) or k in math_keys(self)}
 
     def math_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.math_dict(), sort_keys=True).encode()).hexdigest()[:16]
@@ -317,6 +337,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def changed_math_fields(old: dict[str, Any], new: "Recipe") -> list[str]:
     """Names of math fields whose value differs between a saved math_dict and a recipe."""
     cur = new.math_dict()
+    old = upgrade_saved_math(old)  # written before the GRPO variant keys: the values it ran with
     keys = sorted(set(old) | set(cur))
     return [f"{k}: {old.get(k)!r} -> {cur.get(k)!r}" for k in keys if old.get(k) != cur.get(k)]
 
@@ -496,8 +517,17 @@ TRL_GRPO_CONFIG: dict[str, tuple[tuple[str, ...], str]] = {
     "grpo.rollout_batch_size": (("generation_batch_size",),
                                 "none; generation_batch_size also spreads one generation over several steps"),
     "grpo.beta": (("beta",), "beta (TRL's default is 0.0)"),
-    "grpo.loss_type": (("loss_type",), "loss_type: sequence = 'grpo', token = 'dapo'"),
-    "grpo.advantage_eps": (("scale_rewards",), "none; TRL adds a fixed 1e-4 to the std (scale_rewards='group')"),
+    "grpo.loss_type": (("loss_type",), "loss_type (TRL's default is 'dapo'); the aliases sequence = 'grpo', token = 'dapo'"),
+    "grpo.importance_sampling_level": (("importance_sampling_level",), "importance_sampling_level (default 'token' in both)"),
+    "grpo.num_iterations": (("num_iterations",), "num_iterations (default 1 in both)"),
+    "grpo.epsilon": (("epsilon",), "epsilon (default 0.2 in both)"),
+    "grpo.epsilon_high": (("epsilon_high",), "epsilon_high (default None = epsilon in both)"),
+    "grpo.sapo_temperature_pos": (("sapo_temperature_pos",), "sapo_temperature_pos (default 1.0 in both)"),
+    "grpo.sapo_temperature_neg": (("sapo_temperature_neg",), "sapo_temperature_neg (default 1.05 in both)"),
+    "grpo.scale_rewards": (("scale_rewards",), "scale_rewards (default 'group' in both)"),
+    "grpo.advantage_eps": (("scale_rewards",), "none; TRL adds a fixed 1e-4 to the std (scale_rewards 'group' or 'batch')"),
+    "grpo.mask_truncated_completions": (("mask_truncated_completions",), "mask_truncated_completions (default False in both)"),
+    "grpo.skip_zero_advantage_groups": (_NONE, "none; TRL runs the loss pass of every group"),
     "grpo.rewards": (("reward_weights",), "GRPOTrainer(reward_funcs=...) with reward_weights"),
     "grpo.logprob_chunk_tokens": (_NONE, "none"),
     "grpo.max_nonfinite_steps": (_NONE, "none"),
@@ -509,13 +539,13 @@ TRL_GRPO_CONFIG: dict[str, tuple[tuple[str, ...], str]] = {
     "generation.cuda_graph": (_NONE, "none (TRL generates with transformers' generate or vLLM)"),
     "schedule.learning_rate": (("learning_rate",), "learning_rate"),
     "schedule.lr_scheduler": (("lr_scheduler_type",), "lr_scheduler_type"),
-    "schedule.warmup_steps": (("warmup_steps",), "warmup_steps"),
+    "schedule.warmup_steps": (("warmup_steps",), "warmup_steps (TRL counts updates: ours x num_iterations)"),
     "schedule.weight_decay": (("weight_decay",), "weight_decay"),
     "schedule.adam_beta1": (("adam_beta1",), "adam_beta1"),
     "schedule.adam_beta2": (("adam_beta2",), "adam_beta2"),
     "schedule.max_grad_norm": (("max_grad_norm",), "max_grad_norm"),
     "schedule.epochs": (("num_train_epochs",), "num_train_epochs"),
-    "schedule.max_steps": (("max_steps",), "max_steps"),
+    "schedule.max_steps": (("max_steps",), "max_steps (TRL counts updates: ours x num_iterations)"),
     "schedule.seed": (("seed",), "seed"),
     "checkpoint.output_dir": (("output_dir",), "output_dir"),
     "checkpoint.save_every_steps": (("save_steps",), "save_steps"),

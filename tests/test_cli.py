@@ -144,8 +144,11 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert "FAIL" not in out and "B = 0?" not in out
     assert s["merge_verification"]["ok"] is True
     assert s["grpo_steps"] == 3 and s["validation_rows"] == 16
-    for k in ("accuracy_before", "accuracy_after", "accuracy_audio_swapped", "accuracy_image_swapped"):
+    for k in ("accuracy_before", "accuracy_after", "accuracy_audio_swapped", "accuracy_image_swapped",
+              "zero_advantage_token_share", "skipped_token_share"):
         assert 0.0 <= s[k] <= 1.0
+    assert s["skipped_token_share"] == 0.0  # the demo's beta 0.04: nothing is skipped unless asked
+    assert "loss-pass tokens in zero-advantage groups" in out
     assert (tmp_path / "demo" / "run" / "curves.png").is_file()
     assert (tmp_path / "demo" / "merged" / "config.json").is_file()
     assert json.loads((tmp_path / "demo" / "demo_summary.json").read_text())["quick"] is True

@@ -57,3 +57,41 @@ def test_importing_the_kit_sets_expandable_segments_unless_the_user_did(preset):
     code = "import os, echoink_lite; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == (preset or "expandable_segments:True")
+
+
+def _batch_advantages_on_one_rank(rank: int, port: int, out_dir: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from echoink_lite.loss_variants import advantages
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    rewards = torch.tensor([[1.0, 0.0, 0.5, 0.5], [2.0, 2.0, 2.0, 0.0]][rank])  # one group of 4 per rank
+    dst = Dist(rank=rank, world=2)
+    adv, _ = advantages(rewards, 4, "batch", 1e-4, dst.gather_(rewards))
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"gathered": dst.gather_(rewards).tolist(), "advantages": adv.tolist()}, f)
+    dist.destroy_process_group()
+
+
+def test_batch_scaled_advantages_take_the_std_of_every_process(tmp_path):
+    """scale_rewards='batch' divides by the std of the whole step's rewards (TRL gathers them): each rank
+    gets what one process holding both groups would compute."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from echoink_lite.loss_variants import advantages
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_batch_advantages_on_one_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    both = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 0.0])
+    whole, _ = advantages(both, 4, "batch", 1e-4)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["gathered"] == both.tolist()
+        assert got["advantages"] == whole[4 * rank: 4 * rank + 4].tolist()
