@@ -96,6 +96,10 @@ def load_processor(name_or_path: str, revision: str | None = None, max_pixels: i
             except (OSError, ValueError, TypeError, AttributeError):
                 proc = None  # a folder saved without the video part (e.g. the tiny model): build it as below
         if proc is None:
+            folder = Path(name_or_path)
+            if folder.is_dir() and not any((folder / f).is_file() for f in TOKENIZER_FILES):
+                # transformers 5 builds an empty tokenizer from a full Omni config.json alone instead of failing
+                raise OSError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in the folder")
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kw)
             _check_omni_token_attributes(tokenizer, name_or_path)
             image_processor = pil_image_processor_class().from_pretrained(name_or_path, **kw)
@@ -116,6 +120,8 @@ def load_processor(name_or_path: str, revision: str | None = None, max_pixels: i
         proc.chat_template = _read_chat_template(name_or_path)
     return proc
 
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 
 # The tokenizer attributes the Omni processor reads, as `tokenizer_config.json` names them.
 OMNI_TOKEN_KEYS = ["image_token", "audio_token", "video_token", "vision_bos_token", "vision_eos_token",

@@ -128,7 +128,7 @@ def eos_biased_model_dir(tiny_model_dir, synth_dir, tmp_path_factory):
                 for pr in prompts]
     mean = torch.cat(last).mean(0)
     direction = mean / mean.norm() ** 2  # logit = bias x (h . mean) / |mean|^2, about `bias` for typical h
-    rows = {proc.tokenizer.convert_tokens_to_ids("<|im_end|>"): 1.8, proc.tokenizer.convert_tokens_to_ids("<|IMAGE|>"): 3.0}
+    rows = {proc.tokenizer.convert_tokens_to_ids("<|im_end|>"): 1.8, proc.tokenizer.convert_tokens_to_ids("<|IMAGE|>"): 3.5}
     changed = 0
     for f in out.glob("*.safetensors"):  # thinker-only (lm_head.weight) or full Omni (thinker.lm_head.weight)
         tensors = load_file(str(f))

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import echoink_lite.grpo as grpo
+import echoink_lite.loss_pass as loss_pass
 from echoink_lite.loss import completion_logps
 from echoink_lite.modeling import multimodal_token_ids
 from echoink_lite.rollout import RolloutEngine
@@ -87,7 +88,7 @@ def run_and_observe(model_dir, synth_dir, out, loss_type) -> Observed:
                          schedule__learning_rate=1e-3)  # small enough that step 2 still ends early
     seen = Observed(recipe)
     real_step_prompts, real_encode, real_generate = grpo.step_prompts, grpo.encode_prompts, RolloutEngine.generate
-    real_logps, real_clip = grpo.completion_logps, torch.nn.utils.clip_grad_norm_
+    real_logps, real_clip = loss_pass.completion_logps, torch.nn.utils.clip_grad_norm_
 
     def step_prompts(run, step):
         seen.tokenizer = run.processor.tokenizer
@@ -126,7 +127,7 @@ def run_and_observe(model_dir, synth_dir, out, loss_type) -> Observed:
         mp.setattr(grpo, "step_prompts", step_prompts)
         mp.setattr(grpo, "encode_prompts", encode_prompts)
         mp.setattr(RolloutEngine, "generate", generate)
-        mp.setattr(grpo, "completion_logps", logps_spy)
+        mp.setattr(loss_pass, "completion_logps", logps_spy)
         mp.setattr(torch.nn.utils, "clip_grad_norm_", clip)
         grpo.train(recipe)
     seen.metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -147,8 +147,8 @@ def test_plan_on_a_corrupted_model_config_is_an_error_not_a_traceback(tiny_model
 
     folder = tmp_path / "model"
     folder.mkdir()
-    cfg = json.loads((tiny_model_dir / "config.json").read_text())
-    (cfg.get("text_config") or cfg)[key] = value
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())  # the Hub layout: the thinker's config inside
+    cfg["thinker_config"]["text_config"][key] = value
     (folder / "config.json").write_text(json.dumps(cfg))
     assert main(["plan", str(RECIPES / "tiny_cpu.yaml"), f"model.name_or_path={folder}"]) == 2
     err = capsys.readouterr().err
