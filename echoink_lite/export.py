@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_fits, read_adapter
-from .merge import MergeError, base_layout_for
+from .merge_base import MergeError, base_layout_for
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, commit_message: str | None = None) -> str:
