@@ -1,5 +1,7 @@
 """The `echoink-lite` command: parses arguments and calls the package's functions. No logic lives here, so
-every command is also a function a notebook can call."""
+every command is also a function a notebook can call. The arguments and error handling of `eval` / `infer`
+live in ``cli_eval``, those of `merge` / `export` in ``cli_merge``; this module builds the parser from them
+and holds the small commands and ``main``."""
 
 from __future__ import annotations
 
@@ -10,6 +12,9 @@ import shutil
 import sys
 import textwrap
 from pathlib import Path
+
+from .cli_eval import add_eval_arguments, add_infer_arguments, cmd_eval, cmd_infer
+from .cli_merge import add_export_arguments, add_merge_arguments, cmd_export, cmd_merge
 
 EPILOG = """examples:
   echoink-lite demo                                   # offline end-to-end run on CPU (times: README)
@@ -212,235 +217,6 @@ def _add_group(sub, name: str, help: str):
     return inner
 
 
-def _merge_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--adapter", required=True, help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors)")
-    a("--out", required=True, help="new folder for the merged model (must not exist or be empty; not inside the adapter or base folder)")
-    a("--base", default=None, help="unquantized base: Hub id or folder (default: base_model_name_or_path of the adapter)")
-    a("--revision", default=None, help="Hub revision of the base")
-    a("--format", choices=["thinker", "full"], default="thinker",
-      help="thinker: thinker-only model like EchoInk-R1-7B (default); full: complete Qwen2.5-Omni with talker, token2wav, spk_dict.pt (needs a full base)")
-    a("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the merged thinker weights (merge math is fp32; cast once)")
-    a("--no-verify", action="store_true", help="skip the verification (reload, logits vs base+adapter, weights, size)")
-    a("--verify-device", default="cpu", help="device for the verification's logits check (cpu or cuda); runs in --dtype")
-    a("--max-shard-size-gb", type=float, default=5.0, help="maximum size of one output shard")
-    a("--report", default=None, help="also write the merge report as JSON to this file")
-    a("--push-to-hub", default=None, metavar="REPO", help="upload the merged folder to this Hub model repo (after a passing verification)")
-    a("--private", action="store_true", help="create the Hub repo as private")
-
-
-def _export_args(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--adapter", required=True, help="LoRA adapter folder saved by a training run")
-    a("--out", required=True, help="new folder for the clean adapter + model card")
-    a("--recipe", default=None, help="recipe YAML to include in the model card")
-    a("--eval-summary", default=None, help="<predictions>.summary.json from `echoink-lite eval`, for the model card")
-    a("--base", default=None, help="base model id to record, e.g. its Hub id (default: the adapter's base_model_name_or_path); "
-      "the adapter must fit it")
-    a("--push-to-hub", default=None, metavar="REPO", help="upload the exported folder to this Hub model repo")
-    a("--private", action="store_true", help="create the Hub repo as private")
-
-
-def _refused(args, err) -> int:
-    """A refusal: one line on stderr, exit code 2 (as main() does for the kit's other errors)."""
-    print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
-    return 2
-
-
-def _push(console, folder, args) -> int:
-    from .export import push_to_hub
-
-    try:
-        url = push_to_hub(folder, args.push_to_hub, private=args.private)
-    except Exception as err:  # network, auth: say it plainly, the folder stays
-        console.print(f"[bold red]upload failed:[/] {type(err).__name__}: {err}", highlight=False)
-        return 1
-    console.print(f"uploaded to {url}")
-    return 0
-
-
-def cmd_merge(args) -> int:
-    """0: merged (and verified unless --no-verify); 1: verification or upload failed; 2: refused (nothing written)."""
-    from rich.console import Console
-
-    from .merge import MergeError, merge_adapter
-    from .safe_output import MERGE_REPORT, OutputError, check_output_file, write_json_output
-
-    console = Console()
-    try:
-        if args.report:  # refused before the merge, not after it
-            check_output_file(args.report, MERGE_REPORT, "--report")
-            if Path(args.report).expanduser().resolve() == Path(args.out).expanduser().resolve():
-                raise OutputError(f"--report {args.report} is the --out folder; pass a file beside it, e.g. merge_report.json")
-        report = merge_adapter(args.adapter, args.out, base=args.base, format=args.format, dtype=args.dtype,
-                               verify=not args.no_verify, console=console, revision=args.revision,
-                               verify_device=args.verify_device, max_shard_size=int(args.max_shard_size_gb * 1024**3))
-    except (MergeError, OutputError) as err:
-        return _refused(args, err)
-    if args.report:
-        try:
-            write_json_output(args.report, report, MERGE_REPORT, "--report", default=str)
-        except OutputError as err:
-            return _refused(args, f"{err} The merged model is in {args.out}.")
-    if report["ok"] is False:
-        console.print("[bold red]verification failed[/]: the merged folder was written but does not match base + adapter; "
-                      "do not publish it. Nothing was pushed.")
-        return 1
-    untrained = ((report.get("verification") or {}).get("weights") or {}).get("untrained_adapter")
-    if args.push_to_hub and untrained:
-        console.print("[bold red]not pushed[/]: every LoRA B is zero (an untrained adapter), so the merged model equals "
-                      "the base. Train the adapter first; the merged folder is in " + str(args.out), highlight=False)
-        return 1
-    return _push(console, args.out, args) if args.push_to_hub else 0
-
-
-def cmd_export(args) -> int:
-    """0: exported (and uploaded with --push-to-hub); 1: upload failed; 2: refused (nothing written)."""
-    from rich.console import Console
-
-    from .adapters import read_adapter_config
-    from .export import export_adapter
-    from .merge import MergeError
-
-    console = Console()
-    try:
-        out = export_adapter(args.adapter, args.out, recipe_path=args.recipe, eval_summary=args.eval_summary, base=args.base)
-    except MergeError as err:
-        return _refused(args, err)
-    console.print(f"exported the adapter to {out} (adapter_config.json, adapter_model.safetensors, README.md)", highlight=False)
-    base = read_adapter_config(out).get("base_model_name_or_path", "")
-    if Path(base).expanduser().exists():
-        console.print(f"note: the model card names the base by a local path ({base}); for the Hub, export again with "
-                      "--base and the base's Hub id (e.g. Qwen/Qwen2.5-Omni-7B)", highlight=False)
-    return _push(console, out, args) if args.push_to_hub else 0
-
-
-# --------------------------------------------------------------------------------------------
-# eval and infer
-# --------------------------------------------------------------------------------------------
-def _model_arguments(parser) -> None:
-    """Which model eval and infer load: a base, an adapter on it, or a merged checkpoint; its quantization."""
-    from .evaluate import QUANTIZATION_CHOICES
-
-    a = parser.add_argument
-    a("--model", default=None, help="base checkpoint: Hub id or local folder (full Omni or thinker-only); "
-      "default with --adapter: the base its adapter_config.json names")
-    a("--adapter", default=None, help="LoRA adapter folder saved by a training run, applied on --model")
-    a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model (not with --adapter)")
-    a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
-      help="of the base: auto = as the adapter was trained (its run's recipe.yaml; NF4 for QLoRA), else none; "
-      "nf4 = 4-bit NF4; none = unquantized (--dtype)")
-    a("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-
-
-def add_eval_arguments(parser) -> None:
-    from .eval_protocols import PROTOCOL_CHOICES
-
-    _model_arguments(parser)
-    a = parser.add_argument
-    a("--data", default="data/avqa/valid", help="split folder (AVQA layout) or its JSON list")
-    a("--out", default=None, help="predictions JSONL (default: ADAPTER_OR_MERGED_DIR/predictions[-PROTOCOL].jsonl, else "
-      "./eval/); reruns resume it")
-    a("--protocol", choices=PROTOCOL_CHOICES, default="kit",
-      help="kit (default): the training prompt, greedy unless --sample, strict parsing; echoink-base / echoink-rl: "
-      "the original's evaluation of the base (80.53%%) / trained (85.77%%) model: its prompt, system message, "
-      "decoding and extract_choice parser (docs/reproduction.md)")
-    a("--batch-size", type=int, default=8, help="rows decoded together (each repeated --samples times)")
-    a("--max-new-tokens", type=int, default=None,
-      help="completion budget (default: 768 for kit, the paper's training budget; 1024 for echoink-*, the original's)")
-    a("--sample", action="store_true", help="kit protocol: sample like the paper's training (temperature 1, top_p 0.95) "
-      "instead of greedy (echoink-rl always samples)")
-    a("--temperature", type=float, default=None, help="sampling temperature (kit protocol with --sample; default 1.0)")
-    a("--top-p", type=float, default=None, help="nucleus sampling (kit protocol with --sample; default 0.95)")
-    a("--samples", type=int, default=1, metavar="K", help="completions per row (sampled decoding); reports mean ± spread")
-    a("--seed", type=int, default=0, help="sampling seed")
-    a("--lenient", action="store_true", help="kit protocol: fall back to the first standalone option letter if no "
-      "<answer> tag (counts the word 'a' as A)")
-    a("--limit", type=int, default=None, help="only the first N usable rows")
-    a("--compare-base", action="store_true", help="also score the base model (adapter switched off) and print the difference")
-    a("--max-audio-seconds", type=float, default=10.0, help="audio cut (the paper: 10 s)")
-    a("--max-pixels", type=int, default=256 * 28 * 28, help="image pixel cap (the paper: 256*28*28)")
-    a("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA (the CUDA-graph decode falls back by itself)")
-
-
-def eval_config_from_args(args):
-    from .evaluate import PAPER_TEMPERATURE, PAPER_TOP_P, EvalConfig, EvalError
-
-    if args.protocol == "kit" and not args.sample and (args.temperature is not None or args.top_p is not None):
-        raise EvalError("--temperature and --top-p apply to sampling; add --sample (without it decoding is greedy)")
-    return EvalConfig(
-        model=args.model, adapter=args.adapter, merged=args.merged, data=args.data, out=args.out,
-        batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, protocol=args.protocol,
-        do_sample=args.sample and args.protocol != "echoink-rl",
-        temperature=PAPER_TEMPERATURE if args.temperature is None else args.temperature,
-        top_p=PAPER_TOP_P if args.top_p is None else args.top_p,
-        samples=args.samples, seed=args.seed, lenient=args.lenient, limit=args.limit,
-        compare_base=args.compare_base, quantization=args.quantization, dtype=args.dtype,
-        max_audio_seconds=args.max_audio_seconds, max_pixels=args.max_pixels, cuda_graph=not args.no_cuda_graph,
-    )
-
-
-def cmd_eval(args, console=None) -> int:
-    """`echoink-lite eval ...`: 0 on success; 1 with a one-line error for settings, data or model problems."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from .data import DataError
-    from .evaluate import EvalError, run_eval
-    from .modeling import ModelLoadError
-
-    console = console or Console()
-    try:
-        run_eval(eval_config_from_args(args), console=console)
-    except (EvalError, DataError, ModelLoadError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, any width
-        return 1
-    return 0
-
-
-def add_infer_arguments(parser) -> None:
-    _model_arguments(parser)
-    a = parser.add_argument
-    a("--audio", required=True, help="audio file (first 10 s used, 16 kHz mono)")
-    a("--image", required=True, help="image file")
-    a("--question", required=True, help="the question")
-    a("--options", nargs="+", default=None, help='answer options, e.g. "A. cat" "B. dog" (letters added if missing); '
-      "with options the paper's reasoning prompt is used")
-    a("--max-new-tokens", type=int, default=768, help="completion budget")
-    a("--sample", action="store_true", help="sample (temperature 1, top_p 0.95) instead of greedy")
-    a("--no-stream", action="store_true", help="print only the final panel, not the tokens as they come")
-
-
-def cmd_infer(args, console=None) -> int:
-    """`echoink-lite infer ...`: stream the completion, then a panel with reasoning and answer."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.panel import Panel
-
-    from .data import DataError
-    from .evaluate import EvalError
-    from .infer import option_warnings, run_infer
-    from .modeling import ModelLoadError
-
-    console = console or Console()
-    for warning in option_warnings(args.options):
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
-    try:
-        result = run_infer(args.audio, args.image, args.question, model=args.model, adapter=args.adapter,
-                           merged=args.merged, options=args.options, max_new_tokens=args.max_new_tokens,
-                           do_sample=args.sample, stream=not args.no_stream, quantization=args.quantization,
-                           dtype=args.dtype, console=console)
-    except (EvalError, DataError, ModelLoadError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, any width
-        return 1
-    think = result["think"] if result["think"] is not None else "(no <think> block)"
-    answer = result["answer"] if result["answer"] is not None else "(no valid answer)"
-    body = f"[bold]reasoning[/]\n{escape(think)}\n\n[bold]answer[/] {escape(answer)}"
-    footer = f"{result['prompt_tokens']} prompt tokens, {result['new_tokens']} new tokens"
-    console.print(Panel(body, title="echoink-lite infer", subtitle=footer))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echoink-lite",
@@ -504,10 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("merge", help="merge an adapter into the unquantized base (thinker-only or full Omni)")
-    _merge_args(p)
+    add_merge_arguments(p)
     p.set_defaults(func=cmd_merge)
     p = sub.add_parser("export", help="export a clean adapter folder with a model card (optionally push to the Hub)")
-    _export_args(p)
+    add_export_arguments(p)
     p.set_defaults(func=cmd_export)
 
     from .memory_estimate import DEFAULT_HEADROOM, DEFAULT_TEXT_TOKENS

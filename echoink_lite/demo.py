@@ -179,7 +179,8 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
     import torch
 
     from .data import derange, scan_split
-    from .evaluate import EvalConfig, evaluate_rows, load_eval_model, load_model, print_summary
+    from .eval_model import load_model
+    from .evaluate import EvalConfig, evaluate_rows, load_eval_model, print_summary
     from .grpo import train
     from .infer import infer
     from .metrics import plot_run

@@ -171,6 +171,15 @@ def summary_path(predictions_path: str | Path) -> Path:
     return p.with_name(p.stem + ".summary.json")
 
 
+def split_name(data: str | Path) -> str:
+    """The name of a split for reports: its folder's name (".../avqa/valid" -> "valid"), also when given
+    as the AVQA list inside it, else the file's stem. Never a local path."""
+    p = Path(data)
+    if p.suffix.lower() in (".json", ".jsonl"):
+        return p.parent.name if p.name.startswith("omni_rl_format") and p.parent.name else p.stem
+    return p.name or str(data)
+
+
 def side_by_side(summaries: list[dict[str, Any]], console, names: list[str] | None = None) -> list[dict[str, Any]]:
     """One table with the results of several eval summaries (dicts as `run_eval` returns and writes them), each
     with its protocol, decoding and, where one exists, the paper's number for that protocol. Returns the rows."""

@@ -19,12 +19,12 @@ Why it is built this way:
   A rerun with other settings refuses to mix its lines with the old ones instead of silently reporting a
   blend. The adapter enters the settings by its content (``adapters.adapter_content_hash``), not its path:
   training again into the same run folder must not be answered with the old adapter's predictions.
-- **The base the adapter was trained on.** Without ``--model`` the base is the one the adapter's own
-  ``adapter_config.json`` names, and the command says so. The base is loaded with the quantization the
-  adapter was trained on (NF4 for a QLoRA run, read from the run's ``recipe.yaml``), since the adapter
-  learned to correct that base's weights; ``--quantization nf4|none`` overrides it. The summary prints
-  which was used. The adapter is checked against the base before PEFT loads it
-  (``adapters.check_adapter_fits``).
+- **The base the adapter was trained on** (``eval_model``, shared with ``infer``). Without ``--model`` the
+  base is the one the adapter's own ``adapter_config.json`` names, and the command says so. The base is
+  loaded with the quantization the adapter was trained on (NF4 for a QLoRA run, read from the run's
+  ``recipe.yaml``), since the adapter learned to correct that base's weights; ``--quantization nf4|none``
+  overrides it. The summary prints which was used. The adapter is checked against the base before PEFT
+  loads it (``adapters.check_adapter_fits``).
 - **Bad rows are counted, never dropped silently.** Rows the data scan rejects, rows whose media fail to
   decode, and prompts over ``max_prompt_tokens`` are reported per reason; accuracy is over the rows that
   were evaluated, and the bad-row counts sit next to it in the table and the summary.
@@ -53,10 +53,10 @@ from typing import Any
 
 import torch
 
-from .adapters import adapter_base_model, load_adapter, training_quantization
 from .answer_protocol import extract_choice, format_ok, original_gold, parse_answer
 from .data import DataError, Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .eval_cache import adapter_hash, cached, read_done, rescored, row_key, settings_hash
+from .eval_model import QUANTIZATION_CHOICES, load_model, resolve_base_model, resolve_quantization
 from .eval_protocols import (
     PAPER_TEMPERATURE,
     PAPER_TOP_P,
@@ -66,23 +66,17 @@ from .eval_protocols import (
     get_protocol,
     resolve_decoding,
 )
-from .eval_report import EvalResult, print_summary, score, summary_path
+from .eval_report import EvalResult, print_summary, score, split_name, summary_path
 from .flag_ranges import check_flags
-from .modeling import (
-    ModelLoadError,
-    default_device,
-    load_processor,
-    load_thinker,
-    multimodal_token_ids,
-    torch_dtype,
-)
+from .modeling import default_device, multimodal_token_ids, torch_dtype
 from .progress import phase_progress
 from .prompting import encode_row, render_prompt
 from .rollout import RolloutEngine, SamplingParams
 from .safe_output import EVAL_SUMMARY, PREDICTIONS, check_output_file, write_json_output
 from .thinker_forward import encode_prompts
 
-# Kept importable from here: the cache's reader and the protocol constants moved to their own modules.
+# Kept importable from here: the cache's reader, the protocol constants and the model loader (`eval_model`) moved
+# to their own modules.
 _read_done = read_done
 __all__ = ["EvalConfig", "EvalError", "EvalResult", "PAPER_TEMPERATURE", "PAPER_TOP_P", "PROTOCOL_CHOICES",
            "evaluate_rows", "load_eval_model", "load_model", "print_summary", "run_eval", "summary_path"]
@@ -91,9 +85,6 @@ __all__ = ["EvalConfig", "EvalError", "EvalResult", "PAPER_TEMPERATURE", "PAPER_
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
-
-
-QUANTIZATION_CHOICES = ("auto", "nf4", "none")
 
 
 @dataclass
@@ -200,90 +191,9 @@ class EvalConfig:
         return resolve_quantization(self.quantization, None if self.merged else self.adapter)
 
 
-def resolve_base_model(model: str | None, adapter: str | None, merged: str | None) -> tuple[str | None, str]:
-    """(base model, where it came from). Without `model` an adapter's base is the one its own
-    adapter_config.json names; a merged folder needs none (its processor may come from `model`)."""
-    if model:
-        return model, "--model"
-    if adapter:
-        base = adapter_base_model(adapter)
-        if not base:
-            raise EvalError(f"--model not given, and {Path(adapter) / 'adapter_config.json'} names no base_model_name_or_path. "
-                            "Fix: pass --model with the base the adapter was trained on.")
-        return base, f"{Path(adapter) / 'adapter_config.json'}"
-    if merged:
-        return None, "--merged"
-    raise EvalError("nothing to evaluate: pass --model BASE (Hub id or folder), --adapter DIR (its base is read from "
-                    "its adapter_config.json) or --merged DIR")
-
-
-def resolve_quantization(choice: str, adapter: str | None):
-    """(QuantizationSection or None, description) of the base the adapter is applied on.
-
-    "auto": as the adapter was trained, read from its run's recipe.yaml (RUN/recipe.yaml beside RUN/adapter
-    or RUN/checkpoints/step-N/adapter); without an adapter, or without that file, unquantized. "nf4": the
-    kit's QLoRA default (4-bit NF4, double quantization). "none": unquantized.
-    """
-    from .recipe import QuantizationSection
-
-    if choice == "nf4":
-        return QuantizationSection(load_in_4bit=True), "nf4 (--quantization nf4)"
-    if choice == "none" or not adapter:
-        return None, "none" + (" (--quantization none)" if choice == "none" else "")
-    section, recipe_file = training_quantization(adapter)
-    if recipe_file is None:
-        return None, (f"none (default: no recipe.yaml beside {adapter} or its run folder; pass --quantization nf4 "
-                      "if it was trained on a 4-bit base)")
-    if not section.load_in_4bit:
-        return None, f"none, as trained ({recipe_file})"
-    return section, f"{section.quant_type}, as trained ({recipe_file})"
-
-
-def split_name(data: str | Path) -> str:
-    """The name of a split for reports: its folder's name (".../avqa/valid" -> "valid"), also when given
-    as the AVQA list inside it, else the file's stem. Never a local path."""
-    p = Path(data)
-    if p.suffix.lower() in (".json", ".jsonl"):
-        return p.parent.name if p.name.startswith("omni_rl_format") and p.parent.name else p.stem
-    return p.name or str(data)
-
-
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------
-
-
-def load_model(
-    model: str | None,
-    adapter: str | None = None,
-    merged: str | None = None,
-    dtype: str = "float32",
-    quantization=None,
-    device: str | torch.device | None = None,
-    max_pixels: int = 256 * 28 * 28,
-):
-    """(model in eval mode, processor) for a base checkpoint, base + adapter, or a merged checkpoint.
-
-    Shared by `eval` and `infer`. `quantization` is a recipe QuantizationSection for the base (None:
-    unquantized). The adapter is checked against the loaded base before it is attached (one-line
-    adapters.AdapterError on a mismatch). A merged folder is loaded as the base (thinker-only or full Omni
-    both work); its processor is read from it when it holds one, else from `model`.
-    """
-    weights = merged or model
-    if adapter:
-        adapter_base_model(adapter)  # a missing or broken adapter folder fails before minutes of model loading
-    try:
-        processor = load_processor(weights, max_pixels=max_pixels)
-    except ModelLoadError:
-        if not (merged and model):
-            raise
-        processor = load_processor(model, max_pixels=max_pixels)
-    thinker = load_thinker(weights, dtype=dtype, quantization=quantization, device=device)
-    if adapter:
-        thinker = load_adapter(thinker, adapter, base_name=weights,
-                               fix="pass --model the base model the adapter was trained on")
-    thinker.eval()
-    return thinker, processor
 
 
 def load_eval_model(cfg: EvalConfig):

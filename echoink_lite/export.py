@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_fits, read_adapter
-from .merge import MergeError, base_layout_for
+from .merge_base import MergeError, base_layout_for
 
 
 def push_to_hub(folder: str | Path, repo_id: str, private: bool = False, commit_message: str | None = None) -> str:
@@ -53,7 +53,7 @@ def _eval_lines(summary: dict[str, Any]) -> list[str]:
     else:
         raise MergeError("the eval summary has no 'accuracy' (nor a 'results' list with accuracies). Fix: pass the "
                          "<predictions>.summary.json written by `echoink-lite eval`.")
-    from .evaluate import split_name
+    from .eval_report import split_name
 
     split = summary.get("split") or (split_name(summary["data"]) if summary.get("data") else None)
     extra = [f"split: `{split}`"] if split else []  # the split's name: a local path means nothing to readers

@@ -2,7 +2,9 @@
 
 ``merge_adapter(adapter, out, base=None, format="thinker", dtype="bf16")`` writes a checkpoint that the
 standard transformers classes load, then (by default) verifies it with ``merge_verification.verify_merge``.
-Exporting the adapter itself with a model card, and uploading, live in ``export``.
+Reading the base checkpoint (config, shards, tensor headers, key names) lives in ``merge_base``, the list of
+tensors the output holds in ``merge_plan``. Exporting the adapter itself with a model card, and uploading,
+live in ``export``.
 
 Why it is done this way:
 
@@ -40,23 +42,29 @@ from __future__ import annotations
 
 import errno
 import json
-import logging
-import math
 import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .adapters import Adapter, BaseLayout, LoraModule, check_adapter_fits, read_adapter
-from .modeling import TORCH_DTYPES
+from .merge_base import (
+    Base,
+    MergeError,
+    base_layout,
+    download_base,
+    is_full_omni,
+    lora_targets,
+    read_base_config,
+    read_base_headers,
+    weight_files,
+)
+from .merge_plan import DTYPE_CONFIG_NAMES, DTYPES, PlannedTensor, plan_tensors
 
-DTYPE_CONFIG_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-DTYPES = {short: TORCH_DTYPES[name] for short, name in DTYPE_CONFIG_NAMES.items()}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "half": "fp16", "float": "fp32"}
 
 # Processor / tokenizer files copied to the merged folder when present.
@@ -65,178 +73,6 @@ _PROCESSOR_FILES = (
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
     "processor_config.json", "video_preprocessor_config.json", "tokenizer.model",
 )
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "spk_dict.pt"]
-
-
-
-class MergeError(RuntimeError):
-    """The merge (or export) cannot go on; the message says why and what to do."""
-
-
-# --------------------------------------------------------------------------------------------
-# Key names: what transformers writes on disk vs. the module names inside the thinker
-# --------------------------------------------------------------------------------------------
-# transformers 5 renames keys on load and back on save for Qwen2_5OmniThinkerForConditionalGeneration
-# (conversion_mapping.py): disk `model.X` <-> module `model.language_model.X`, disk `audio_tower.X` <->
-# `model.audio_tower.X`, disk `visual.X` <-> `model.visual.X`, and a full checkpoint adds `thinker.`.
-# The reload check of the verification catches any drift of these rules in a later transformers.
-
-
-def thinker_module_name(disk_key: str) -> str:
-    """Module-side name of a thinker checkpoint key (without `thinker.`), as transformers loads it."""
-    if disk_key.startswith(("audio_tower.", "visual.")):
-        return "model." + disk_key
-    if disk_key.startswith("model.") and not re.match(r"model\.(language_model|visual|audio_tower)\.", disk_key):
-        return "model.language_model." + disk_key[len("model."):]
-    return disk_key
-
-
-def thinker_saved_name(module_name: str) -> str:
-    """Key name transformers writes for a thinker module parameter (thinker-only checkpoint)."""
-    if module_name.startswith("model.language_model."):
-        return "model." + module_name[len("model.language_model."):]
-    if module_name.startswith(("model.audio_tower.", "model.visual.")):
-        return module_name[len("model."):]
-    return module_name
-
-
-# --------------------------------------------------------------------------------------------
-# Reading the base
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Base:
-    name: str  # as given (Hub id or folder)
-    path: Path  # local folder
-    config: dict[str, Any]  # config.json as stored
-    is_full: bool
-    files: list[str]  # safetensors shard file names, in order
-    shapes: dict[str, tuple[list[int], str, str]] = field(default_factory=dict)  # key -> (shape, dtype, file)
-
-    @property
-    def thinker_config(self) -> dict[str, Any]:
-        return self.config["thinker_config"] if self.is_full else self.config
-
-
-def _is_local_like(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or "\\" in name or name.count("/") > 1 or Path(name).exists()
-
-
-def _hub_call(what: str, name: str, fn):
-    """Run a huggingface_hub download; any failure becomes one line. huggingface_hub logs two warning lines
-    per retry of an unreachable Hub (five retries, utils/_http.py http_backoff); they are kept quiet here
-    because the failure is reported once, below."""
-    hub_logger = logging.getLogger("huggingface_hub")
-    level = hub_logger.level
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        return fn()
-    except Exception as err:  # offline, unknown repo, gated repo: all end here with the same advice
-        first = (str(err).strip().splitlines() or [""])[0]
-        raise MergeError(f"cannot {what} '{name}' from the Hugging Face Hub ({type(err).__name__}: {first}). "
-                         "Fix: pass --base a local folder holding the base checkpoint, or run where the Hub is reachable.") from None
-    finally:
-        hub_logger.setLevel(level)
-
-
-def read_base_config(name: str, revision: str | None = None) -> tuple[Path | None, dict[str, Any]]:
-    """(local folder or None for a Hub id, config.json). Only config.json is fetched for a Hub id."""
-    p = Path(name).expanduser()
-    if p.is_dir():
-        cfg = p / "config.json"
-        if not cfg.is_file():
-            raise MergeError(f"base '{name}' has no config.json. Fix: pass a Qwen2.5-Omni (full or thinker-only) checkpoint folder.")
-        return p, json.loads(cfg.read_text())
-    if _is_local_like(name):
-        raise MergeError(f"base '{name}' is not a folder on this machine. Fix: pass --base the local folder or Hub id of the "
-                         "model the adapter was trained on.")
-    from huggingface_hub import hf_hub_download
-
-    cfg = _hub_call("download config.json of", name, lambda: hf_hub_download(name, "config.json", revision=revision))
-    return None, json.loads(Path(cfg).read_text())
-
-
-def download_base(name: str, revision: str | None = None) -> Path:
-    from huggingface_hub import snapshot_download
-
-    return Path(_hub_call("download", name, lambda: snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS)))
-
-
-def _model_type_check(name: str, config: dict[str, Any]) -> bool:
-    mt = config.get("model_type")
-    if mt == "qwen2_5_omni":
-        return True
-    if mt == "qwen2_5_omni_thinker":
-        return False
-    raise MergeError(f"base '{name}' is a '{mt}' model; echoink-lite merges into Qwen2.5-Omni "
-                     "(model_type qwen2_5_omni or qwen2_5_omni_thinker). Fix: pass --base such a checkpoint.")
-
-
-def weight_files(path: Path) -> list[str]:
-    """Safetensors shard names of a checkpoint folder, in order; refuses pickle-only checkpoints."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    if (path / "model.safetensors").is_file():
-        return ["model.safetensors"]
-    files = sorted(p.name for p in path.glob("*.safetensors"))
-    if files:
-        return files
-    if list(path.glob("*.bin")):
-        raise MergeError(f"base '{path}' has only .bin weights (pickles), which echoink-lite does not read. "
-                         "Fix: convert it to safetensors (load and save_pretrained with safe_serialization=True) or use a safetensors release.")
-    raise MergeError(f"base '{path}' holds no *.safetensors weights")
-
-
-def read_base_headers(base: Base) -> None:
-    """Shapes and dtypes of every base tensor, from the shard headers only (no tensor data is read)."""
-    from safetensors import safe_open
-
-    for name in base.files:
-        with safe_open(str(base.path / name), framework="pt") as f:
-            for key in f.keys():
-                s = f.get_slice(key)
-                base.shapes[key] = (list(s.get_shape()), str(s.get_dtype()), name)
-
-
-def base_layout(base: Base) -> BaseLayout:
-    """The base's linear layers as the thinker names its modules, from the shard headers (2-D weights)."""
-    prefix = "thinker." if base.is_full else ""
-    linears = {}
-    for key, (shape, _dtype, _file) in base.shapes.items():
-        if key.startswith(prefix) and key.endswith(".weight") and len(shape) == 2:
-            module = thinker_module_name(key[len(prefix):])[: -len(".weight")]
-            linears[module] = (shape[0], shape[1])
-    return BaseLayout(base.name, linears, BaseLayout.from_config(base.thinker_config, base.name).dims, complete=True)
-
-
-def base_layout_for(name: str, revision: str | None = None) -> BaseLayout:
-    """The linear layers of the base `name`: every layer from the shard headers of a local folder; for a Hub
-    id the language model's layers from config.json alone (nothing else is downloaded)."""
-    local, config = read_base_config(name, revision)
-    is_full = _model_type_check(name, config)
-    if local is None:
-        return BaseLayout.from_config(config["thinker_config"] if is_full else config, name)
-    base = Base(name, local, config, is_full, weight_files(local))
-    read_base_headers(base)
-    return base_layout(base)
-
-
-def lora_targets(adapter: Adapter, base: Base) -> dict[str, str]:
-    """{adapter module -> base checkpoint key} of an adapter that fits the base; refuses quantized weights."""
-    prefix = "thinker." if base.is_full else ""
-    mapping = {}
-    for module in adapter.modules:
-        key = prefix + thinker_saved_name(module) + ".weight"
-        if key not in base.shapes:  # a checkpoint that keeps the module-side names
-            key = prefix + module + ".weight"
-        dtype = base.shapes[key][1]
-        if dtype not in ("F32", "BF16", "F16", "F64"):
-            raise MergeError(f"the base weight '{key}' of '{base.name}' is stored as {dtype}, not a float: a quantized "
-                             "checkpoint? Fix: merge into the unquantized (bf16) base with --base.")
-        mapping[module] = key
-    return mapping
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,50 +83,6 @@ def lora_targets(adapter: Adapter, base: Base) -> dict[str, str]:
 def merged_weight(weight: torch.Tensor, lm: LoraModule, dtype: torch.dtype) -> torch.Tensor:
     """W + s * B @ A in fp32 from the stored base weight, cast once to `dtype`."""
     return (weight.float() + lm.delta()).to(dtype)
-
-
-@dataclass
-class PlannedTensor:
-    """One output tensor: where it comes from, its output dtype and size, and the LoRA merged into it."""
-
-    out_key: str
-    base_key: str
-    base_file: str
-    dtype: torch.dtype | None  # None = keep the stored dtype
-    nbytes: int
-    numel: int
-    lora: str | None  # adapter module merged into this tensor
-
-
-def torch_dtype_of(st_dtype: str) -> torch.dtype:
-    """torch dtype of a safetensors header dtype name."""
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64, "I64": torch.int64,
-            "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}.get(st_dtype, torch.uint8)
-
-
-def plan_tensors(base: Base, fmt: str, dtype: torch.dtype, mapping: dict[str, str]) -> list[PlannedTensor]:
-    """Every tensor the output holds, in a deterministic order (base shard order, then key order)."""
-    by_key = {v: k for k, v in mapping.items()}
-    plan: list[PlannedTensor] = []
-    for key, (shape, st_dtype, file) in base.shapes.items():
-        numel = math.prod(shape)
-        stored = torch_dtype_of(st_dtype)
-        is_thinker = key.startswith("thinker.") if base.is_full else True
-        if not is_thinker and fmt == "thinker":
-            continue
-        if is_thinker:
-            bare = key[len("thinker."):] if base.is_full else key
-            saved = thinker_saved_name(thinker_module_name(bare))
-            out_key = ("thinker." + saved) if fmt == "full" else saved
-            out_dtype = dtype if stored.is_floating_point else None
-        else:  # talker / token2wav of a full checkpoint: copied bit for bit
-            out_key, out_dtype = key, None
-        itemsize = (out_dtype or stored).itemsize
-        plan.append(PlannedTensor(out_key, key, file, out_dtype, numel * itemsize, numel, by_key.get(key)))
-    # Keep the base's shard order, then key order inside a shard (deterministic output).
-    order = {f: i for i, f in enumerate(base.files)}
-    plan.sort(key=lambda p: (order[p.base_file], p.base_key))
-    return plan
 
 
 def _shard_groups(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -503,7 +295,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
 
     # 1. Cheap checks on the config alone (for a Hub id nothing but config.json is downloaded yet).
     local, config = read_base_config(base_name, revision)
-    is_full = _model_type_check(base_name, config)
+    is_full = is_full_omni(base_name, config)
     if fmt == "full" and not is_full:
         raise MergeError(f"--format full needs a full Qwen2.5-Omni base (thinker + talker + token2wav + spk_dict.pt), but "
                          f"'{base_name}' is thinker-only (model_type qwen2_5_omni_thinker). Fix: pass --base the full "

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .adapters import Adapter
-from .merge import DTYPE_CONFIG_NAMES, DTYPES, Base, plan_tensors, thinker_module_name, torch_dtype_of
+from .merge_base import Base, thinker_module_name, torch_dtype_of
+from .merge_plan import DTYPE_CONFIG_NAMES, DTYPES, plan_tensors
 
 # Logit tolerance of the verification: max |merged - (base + adapter)| <= atol + rtol * max |reference|.
 # fp32: both sides compute the same function up to summation order. bf16/fp16: the merged model holds
@@ -282,7 +283,7 @@ def check_logits(out: Path, base: Base, adapter: Adapter, fmt: str, dtype_key: s
 def verify_merge(out: Path, base: Base, adapter: Adapter, mapping: dict[str, str], fmt: str, dtype_key: str,
                  device: str = "cpu", n_prompts: int = 2, console=None) -> dict[str, Any]:
     """Run the three checks on the merged folder `out`, print a table, and return
-    {"weights", "size", "logits", "ok"}; `mapping` is merge.lora_targets(adapter, base)."""
+    {"weights", "size", "logits", "ok"}; `mapping` is merge_base.lora_targets(adapter, base)."""
     from rich.console import Console
     from rich.table import Table
 

@@ -147,7 +147,7 @@ def test_training_recipe_and_quantization_of_a_run(tmp_path):
 
 def test_load_model_refuses_a_deeper_adapter_on_a_4bit_base(tiny_model_dir, mismatched_adapters):
     """eval and infer load through load_model; the check also guards the 4-bit base of a QLoRA adapter."""
-    from echoink_lite.evaluate import load_model
+    from echoink_lite.eval_model import load_model
     from echoink_lite.recipe import QuantizationSection
 
     with pytest.raises(AdapterError, match="pass --model"):

@@ -17,8 +17,8 @@ from rich.console import Console
 
 from echoink_lite import evaluate
 from echoink_lite.data import scan_split
-from echoink_lite.cli import add_eval_arguments, eval_config_from_args
-from echoink_lite.cli import cmd_eval as eval_command
+from echoink_lite.cli_eval import add_eval_arguments, eval_config_from_args
+from echoink_lite.cli_eval import cmd_eval as eval_command
 from echoink_lite.evaluate import EvalConfig, EvalError, evaluate_rows, load_eval_model, run_eval
 from echoink_lite.rollout import RolloutEngine
 

@@ -55,7 +55,7 @@ def test_the_default_tiny_checkpoint_has_the_hub_layout(tiny_model_dir):
 def test_every_thinker_tensor_loads_from_the_hub_layout(tiny_model_dir):
     """All thinker tensors of the sharded `thinker.*` checkpoint reach the loaded thinker, none left at its
     random init, none of the talker's or token2wav's."""
-    from echoink_lite.merge import thinker_module_name
+    from echoink_lite.merge_base import thinker_module_name
 
     model = modeling.load_thinker(str(tiny_model_dir), dtype="float32", device="cpu")
     state = model.state_dict()

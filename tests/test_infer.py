@@ -9,9 +9,9 @@ import pytest
 from rich.console import Console
 
 from echoink_lite.data import DataError
-from echoink_lite.evaluate import load_model
-from echoink_lite.cli import add_infer_arguments
-from echoink_lite.cli import cmd_infer as infer_command
+from echoink_lite.eval_model import load_model
+from echoink_lite.cli_eval import add_infer_arguments
+from echoink_lite.cli_eval import cmd_infer as infer_command
 from echoink_lite.infer import infer
 from echoink_lite.synth import SYNTH_OPTIONS, SYNTH_QUESTION
 

@@ -20,7 +20,8 @@ from safetensors import safe_open
 from echoink_lite.adapters import AdapterError, read_adapter
 from echoink_lite.cli import main as cli_main
 from echoink_lite.export import export_adapter
-from echoink_lite.merge import MergeError, merge_adapter
+from echoink_lite.merge import merge_adapter
+from echoink_lite.merge_base import MergeError
 from echoink_lite.recipe import LoraSection
 
 QUIET = Console(quiet=True)
@@ -117,7 +118,7 @@ def reference_logits(base_dir: Path, adapter_dir: Path, batch) -> tuple[torch.Te
 
 def lora_saved_keys(adapter_dir: Path, prefix: str = "") -> set[str]:
     """Checkpoint keys the adapter targets, as transformers names them on disk."""
-    from echoink_lite.merge import thinker_saved_name
+    from echoink_lite.merge_base import thinker_saved_name
 
     return {prefix + thinker_saved_name(m) + ".weight" for m in read_adapter(adapter_dir).modules}
 

@@ -266,7 +266,7 @@ def test_merge_onto_a_full_disk_is_one_line_and_leaves_nothing(adapter, tmp_path
 
 def test_a_failed_export_leaves_nothing_at_out(adapter, tmp_path, monkeypatch):
     from echoink_lite import export
-    from echoink_lite.merge import MergeError
+    from echoink_lite.merge_base import MergeError
 
     def full_disk(src, dst, **kwargs):
         Path(dst).write_bytes(b"half")
