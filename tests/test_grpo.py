@@ -102,9 +102,10 @@ def test_only_lora_changes_and_every_lora_parameter_does(tiny_model_dir, synth_d
 
 
 def test_audio_reaches_the_loss_forward(tiny_model_dir, synth_dir, tmp_path):
-    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.data import scan_split
     from echoink_lite.modeling import add_lora, load_processor, load_thinker_from_recipe
     from echoink_lite.prompting import encode_example
+    from echoink_lite.row_media import load_example
     from echoink_lite.thinker_forward import encode_prompts
 
     recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run")
