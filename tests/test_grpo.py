@@ -11,6 +11,7 @@ from echoink_lite import checkpoints as ckpt
 from echoink_lite.grpo import TrainingError, train
 from echoink_lite.loss import completion_logps, group_advantages, grpo_loss
 from echoink_lite.recipe import recipe_from_dict
+from echoink_lite.resume import load_state, resolve_resume
 from echoink_lite.rewards import accuracy_reward, compute_rewards, format_reward, resolve_rewards
 
 
@@ -181,9 +182,9 @@ def test_interrupted_checkpoint_is_ignored(tiny_model_dir, synth_dir, tmp_path):
     (broken / ckpt.MARKER).unlink()
     (out / "checkpoints" / ".tmp-step-000006").mkdir()
     assert ckpt.latest_checkpoint(out) == good
-    assert ckpt.resolve_resume("auto", out) == good
+    assert resolve_resume("auto", out) == good
     with pytest.raises(ckpt.ResumeError, match="marker"):
-        ckpt.load_state(broken)
+        load_state(broken)
 
 
 def test_nonfinite_steps_are_skipped_then_stop_with_weights_saved(tiny_model_dir, synth_dir, tmp_path):
