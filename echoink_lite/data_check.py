@@ -1,10 +1,10 @@
 """`echoink-lite data check PATH [--report FILE]`: every row of a split checked and fully decoded, with a report.
 
-Why this module exists: a bad row found at step 400 of a multi-hour run costs the run; found here it costs
-seconds. The check is the same `data.scan_split` that training and evaluation run (headers only), plus a
-full decode of every row's media with the limits of the processor and model (`row_media.load_example`),
-since headers can look fine while the data is truncated. It prints a summary table and the first rejects,
-and writes every reject as JSON Lines (`write_reject_report`) when asked.
+Why this module exists: training and evaluation skip and count bad rows, but the place to find them all, in
+one list, is before a multi-hour run. The check is the same `data.scan_split` that training and evaluation
+run (headers only), plus a full decode of every row's media with the limits of the processor and model
+(`row_media.load_example`), since headers can look fine while the data is truncated. It prints a summary
+table and the first rejects, and writes every reject as JSON Lines (`write_reject_report`) when asked.
 
 Exit codes: 0 every row usable; 1 bad rows (or a list file that cannot be parsed); 2 the check could not
 run (unreadable path, unwritable report).
