@@ -229,8 +229,9 @@ def write_bench_data(out: Path, n: int, image_size: int, audio_seconds: float, q
 
 
 def prompt_length(processor, recipe, split: Path) -> int:
-    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.data import scan_split
     from echoink_lite.prompting import encode_example
+    from echoink_lite.row_media import load_example
 
     row = scan_split(split).rows[0]
     return encode_example(processor, load_example(row, recipe.data.max_audio_seconds, recipe.data.max_pixels)).length
@@ -482,7 +483,8 @@ def run_trl(name: str, recipe, ctx: dict[str, Any], console) -> dict[str, Any]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from echoink_lite.data import load_image, scan_split
+    from echoink_lite.data import scan_split
+    from echoink_lite.media import load_image
     from echoink_lite.modeling import load_processor, load_thinker, lora_target_regex, multimodal_token_ids
 
     device = ctx["device"]

@@ -29,12 +29,13 @@ import torch
 
 def measure(dtype: str, four_bit: bool, model_dir: Path, data_dir: Path, groups: int, group_size: int, max_new: int,
             seed: int) -> dict:
-    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.data import scan_split
     from echoink_lite.loss import completion_logps
     from echoink_lite.modeling import add_lora, load_processor, load_thinker, multimodal_token_ids, torch_dtype
     from echoink_lite.prompting import encode_example
     from echoink_lite.recipe import LoraSection, QuantizationSection
     from echoink_lite.rollout import RolloutEngine, SamplingParams
+    from echoink_lite.row_media import load_example
     from echoink_lite.thinker_forward import encode_prompts
 
     proc = load_processor(str(model_dir))

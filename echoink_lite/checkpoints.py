@@ -1,4 +1,4 @@
-"""Run folders and checkpoints that truly resume: atomic, verified writes; refusals before anything is written.
+"""Checkpoints that truly resume: atomic writes with a manifest, and their verification.
 
 A run folder (`checkpoint.output_dir`) holds recipe.yaml, metrics.jsonl, checkpoints/, adapter/ and curves.png.
 A checkpoint folder `checkpoints/step-000040/` holds:
@@ -14,17 +14,15 @@ are checkpoints beyond `keep_last` deleted. An interruption at any point leaves 
 untouched, and a folder without a marker is ignored. A full disk stops the run with one line naming the file
 and the intact previous checkpoint.
 
-Resuming verifies the newest checkpoint against its manifest, because a file can still be damaged after the
-marker was written (a cloud-synced folder such as Colab's Google Drive, a disk error). A damaged checkpoint
-is skipped with a warning naming the file, and the newest intact one is used. Markers written before the
-manifest existed (they hold only the step number) are still accepted after a completeness check.
+`verify_checkpoint` checks a checkpoint against its manifest (sizes, then SHA-256), because a file can still
+be damaged after the marker was written (a cloud-synced folder such as Colab's Google Drive, a disk error).
+Markers written before the manifest existed (they hold only the step number) get a completeness check.
 
 Nothing in a checkpoint is unpickled: the training state is stored as tensors and plain values
 (`state_files`), and the `.pt` files of older checkpoints are read with torch's weights-only loader only.
 
-Starting a run refuses a folder that holds an earlier run unless it resumes it or moves it aside
-(`--overwrite`): a fresh start there would truncate metrics.jsonl, and its new checkpoints would lose to the
-older, higher-numbered ones at pruning and at the next `--resume auto`.
+Choosing and loading a checkpoint to resume from is `resume`'s; the run folder around the checkpoints (an
+earlier run in it, the lock) is `run_folder`'s.
 """
 
 from __future__ import annotations
@@ -35,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 import zipfile
 from collections.abc import Callable
@@ -44,13 +41,12 @@ from typing import Any
 
 import torch
 
-from .state_files import (LEGACY_SUFFIX, StateFileError, check_rng_state, check_state_file, read_state,
-                          rng_state, save_tree, set_rng_state, state_file)
+# set_rng_state is not used here: grpo restores a step's RNG states through this module (`ckpt.set_rng_state`).
+from .state_files import LEGACY_SUFFIX, rng_state, save_tree, set_rng_state, state_file  # noqa: F401
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = 1
 _STEP_RE = re.compile(r"^step-(\d+)$")
-_NO_RESUME = (None, "", "no", "never")
 
 Note = Callable[[str], None]
 
@@ -67,16 +63,8 @@ class DamagedCheckpointError(ResumeError):
     """A complete checkpoint whose files no longer match its marker; the message names the file."""
 
 
-class RunFolderError(CheckpointError):
-    """A run folder that cannot be used as asked (an earlier run in it, not writable)."""
-
-
 class SaveError(CheckpointError):
     """A checkpoint that could not be written (disk full, permissions); the previous one is kept."""
-
-
-def _stderr(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -107,103 +95,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Run folders: refuse to start over an earlier run; move it aside only when asked
-# ---------------------------------------------------------------------------------------------------
-def resume_requested(resume: str | None) -> bool:
-    return resume not in _NO_RESUME
-
-
-def earlier_run(run_dir: Path) -> list[str]:
-    """What in `run_dir` shows that a run already made progress there (empty if nothing)."""
-    run_dir = Path(run_dir)
-    found = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append("metrics.jsonl")
-    steps = step_dirs(run_dir)
-    if steps:
-        found.append(f"checkpoints up to {steps[-1][1].name}")
-    if (run_dir / "adapter").exists():
-        found.append("adapter/")
-    return found
-
-
-def check_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuse (RunFolderError) a start that would mix with an earlier run. Reads only: call it on every process."""
-    run_dir = Path(run_dir)
-    if resuming and overwrite:
-        raise RunFolderError("--overwrite starts a new run and --resume continues one: pass only one of them")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunFolderError(f"checkpoint.output_dir {run_dir} is a file, not a folder: choose another checkpoint.output_dir")
-    found = [] if resuming or overwrite else earlier_run(run_dir)
-    if found:
-        raise RunFolderError(
-            f"{run_dir} holds an earlier run ({', '.join(found)}); starting over there would mix the two runs. "
-            "Continue it with --resume auto, start elsewhere with checkpoint.output_dir=NEW_FOLDER, or pass "
-            "--overwrite to move the earlier run aside (renamed, not deleted)."
-        )
-
-
-def _free_name(path: Path) -> Path:
-    if not path.exists():
-        return path
-    n = 2
-    while path.with_name(f"{path.name}-{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}-{n}")
-
-
-def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step: int | None = None,
-                    recipe_text: str | None = None, note: Note | None = None, lock=None) -> Path | None:
-    """The run's first writes, once every check has passed (the main process only).
-
-    With `overwrite`, an earlier run is renamed to `<run_dir>.old-<time>` (returned); the run's lock
-    (`run_folder.RunLock`, which was inside it) moves to the new folder. When resuming at
-    `resume_step`, complete checkpoints of later steps (damaged ones skipped by the resume, or a timeline
-    left by resuming an older checkpoint) are moved to `checkpoints/set-aside-<time>/`, so that pruning and a
-    later `--resume auto` cannot prefer them. Then the folder is created and `recipe_text` saved as recipe.yaml.
-    """
-    note = note or _stderr
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir, resuming, overwrite)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = None
-    writing = run_dir
-    try:
-        if overwrite and earlier_run(run_dir):
-            absolute = run_dir.resolve()
-            moved = writing = _free_name(absolute.with_name(f"{absolute.name}.old-{stamp}"))
-            absolute.rename(moved)
-            note(f"moved the earlier run in {run_dir} aside to {moved}")
-        writing = run_dir
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if moved is not None and lock is not None:
-            lock.relocate(moved)
-        newer = [p for s, p in complete_checkpoints(run_dir) if resume_step is not None and s > resume_step]
-        if newer:
-            writing = aside = _free_name(checkpoint_dir(run_dir) / f"set-aside-{stamp}")
-            aside.mkdir()
-            for p in newer:
-                p.rename(aside / p.name)
-            note(f"moved {len(newer)} checkpoint(s) newer than step {resume_step} ({', '.join(p.name for p in newer)}) "
-                 f"aside to {aside}: this run continues from step {resume_step}")
-        if recipe_text is not None:
-            from .run_folder import RUN_RECIPE_HEADER
-
-            writing = run_dir / "recipe.yaml"
-            _write_text_atomic(writing, RUN_RECIPE_HEADER + recipe_text)
-        else:  # make sure the folder takes files before anything runs
-            writing = run_dir / f".write-test-{os.getpid()}"
-            writing.write_bytes(b"")
-            writing.unlink()
-    except OSError as err:
-        raise RunFolderError(
-            f"cannot write {writing}: {err.strerror or err}. Choose a writable checkpoint.output_dir."
-        ) from None
-    return moved
-
-
-# ---------------------------------------------------------------------------------------------------
 # Writing: fsync, manifest, and one-line errors for a full disk or an unwritable folder
 # ---------------------------------------------------------------------------------------------------
 def _fsync_fd(fd: int) -> None:
@@ -225,7 +116,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename, fsyncing the file and its folder."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
@@ -334,11 +226,11 @@ def finish_save(run_dir: Path, tmp: Path, step: int, model, optimizer, scheduler
         writing = tmp / "scheduler.safetensors"
         save_tree(scheduler.state_dict(), writing)
         writing = tmp / "state.json"
-        _write_text_atomic(writing, json.dumps(dict(state, step=step, saved_at=time.time()), indent=1))
+        write_text_atomic(writing, json.dumps(dict(state, step=step, saved_at=time.time()), indent=1))
         writing = tmp
         files = build_manifest(tmp, fsync=True)
         writing = tmp / MARKER
-        _write_text_atomic(writing, json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
+        write_text_atomic(writing, json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
         writing = final
         if final.exists():  # a leftover without marker from an interrupted save of the same step
             shutil.rmtree(final)
@@ -442,166 +334,6 @@ def verify_checkpoint(ckpt: Path) -> bool:
         if file_digest(ckpt / rel)["sha256"] != want["sha256"]:
             raise DamagedCheckpointError(f"{ckpt / rel} does not match the SHA-256 its marker recorded (changed after the save)")
     return True
-
-
-# ---------------------------------------------------------------------------------------------------
-# Resuming: which checkpoint, and may this recipe continue it
-# ---------------------------------------------------------------------------------------------------
-def newest_intact_checkpoint(run_dir: Path, warn: Note | None = None) -> Path | None:
-    """The newest complete checkpoint whose files verify; one warning per damaged newer one. None if the run
-    has no complete checkpoint; ResumeError if it has some but none is intact."""
-    warn = warn or _stderr
-    damaged: list[tuple[Path, str]] = []
-    for _, path in reversed(complete_checkpoints(run_dir)):
-        try:
-            verified = verify_checkpoint(path)
-        except DamagedCheckpointError as err:
-            damaged.append((path, str(err)))
-            continue
-        for bad, why in damaged:
-            warn(f"checkpoint {bad.name} is damaged: {why}; resuming from the newest intact one, {path}")
-        if not verified:
-            warn(f"{path / MARKER} has no file checksums (written by an older echoink-lite): its files were checked "
-                 "for completeness only")
-        return path
-    if damaged:
-        raise ResumeError(
-            f"no intact checkpoint in {checkpoint_dir(run_dir)}: " + "; ".join(why for _, why in damaged)
-            + ". Start a new run: run without --resume and with checkpoint.output_dir=NEW_FOLDER, or with --overwrite "
-            "to move this run aside."
-        )
-    return None
-
-
-def resolve_resume(resume: str | None, run_dir: Path, warn: Note | None = None) -> Path | None:
-    """`None`/"no" -> fresh run; "auto" -> newest intact checkpoint (or fresh if none); else a checkpoint or
-    a run folder. Damaged checkpoints are skipped with a warning ("auto", a run folder) or refused (a path)."""
-    if not resume_requested(resume):
-        return None
-    if resume == "auto":
-        return newest_intact_checkpoint(run_dir, warn)
-    p = Path(resume)
-    if (p / MARKER).is_file():
-        try:
-            if not verify_checkpoint(p):
-                (warn or _stderr)(f"{p / MARKER} has no file checksums (written by an older echoink-lite): its files "
-                                  "were checked for completeness only")
-        except DamagedCheckpointError as err:
-            raise ResumeError(f"cannot resume {p}: {err}. Use --resume auto to take the newest intact checkpoint.") from None
-        return p
-    if p.is_dir() and complete_checkpoints(p):  # a run folder was given
-        return newest_intact_checkpoint(p, warn)
-    raise ResumeError(f"--resume {resume}: no complete checkpoint there (a folder with a {MARKER} file, or a run folder)")
-
-
-def load_state(ckpt: Path) -> dict[str, Any]:
-    if not (ckpt / MARKER).is_file():
-        raise ResumeError(f"{ckpt} has no {MARKER} marker: the save was interrupted. Use --resume auto or an older checkpoint.")
-    path = ckpt / "state.json"
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DamagedCheckpointError(
-            f"{path} is unreadable ({err}); use --resume auto to take the newest intact checkpoint"
-        ) from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise DamagedCheckpointError(f"{path} holds no step; use --resume auto to take the newest intact checkpoint")
-    return state
-
-
-def check_resumable(state: dict[str, Any], ckpt: Path, recipe, data_fingerprint: str, world_size: int) -> None:
-    """Refuse (ResumeError) to continue a checkpoint with a recipe, data or process count that changes the math.
-    Call it before writing anything, on every process."""
-    from .recipe import changed_math_fields
-
-    changed = changed_math_fields(state.get("recipe_math", {}), recipe)
-    if changed:
-        raise ResumeError(
-            f"cannot resume {ckpt}: the recipe changed in fields that change the math ({'; '.join(changed)}). "
-            "Restore those values, or start a new run with another checkpoint.output_dir."
-        )
-    if state.get("data_fingerprint") != data_fingerprint:
-        raise ResumeError(
-            f"cannot resume {ckpt}: the usable training rows differ from the checkpoint's (different file, edits, "
-            "or different rows rejected). Point data.train at the same data."
-        )
-    saved_world = state.get("world_size", 1)
-    if saved_world != world_size:
-        raise ResumeError(
-            f"cannot resume {ckpt}: it was written by {saved_world} process(es) and this run has {world_size}; "
-            f"resume with {saved_world} (the data split and RNG states are per process)."
-        )
-
-
-_UNREADABLE_FIX = ("Resume from a checkpoint written by this echoink-lite, or start a new run with "
-                   "checkpoint.output_dir=NEW_FOLDER (or --overwrite to move this run aside).")
-
-
-def read_rank_rng(ckpt: Path, rank: int) -> dict[str, Any]:
-    """This process's RNG states from a checkpoint, checked against the generators; nothing is applied."""
-    path = state_file(ckpt, f"rng-rank{rank}")
-    if not path.is_file():
-        raise ResumeError(
-            f"{path} is missing: the checkpoint was written by fewer processes; resume with the same number of processes"
-        )
-    try:
-        return check_rng_state(read_state(ckpt, f"rng-rank{rank}"), path)
-    except StateFileError as err:
-        raise ResumeError(f"cannot resume {ckpt}: {err}. {_UNREADABLE_FIX}") from None
-
-
-def load_rank_rng(ckpt: Path, rank: int) -> None:
-    set_rng_state(read_rank_rng(ckpt, rank))
-
-
-def check_state_files(ckpt: Path, rank: int) -> None:
-    """Refuse (ResumeError, one line) a checkpoint whose optimizer, scheduler or RNG file cannot be read safely,
-    before the run writes anything. Nothing is unpickled; a `.pt` goes through the weights-only loader only."""
-    for stem in ("optimizer", "scheduler"):
-        try:
-            check_state_file(ckpt, stem)
-        except StateFileError as err:
-            raise ResumeError(f"cannot resume {ckpt}: {err}. {_UNREADABLE_FIX}") from None
-    read_rank_rng(ckpt, rank)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The training state: what `grpo.train` resumes from and saves
-# ---------------------------------------------------------------------------------------------------
-def resume_point(run_dir: Path, resume: str | None, recipe, data_fingerprint: str, world_size: int,
-                 warn: Note | None = None, rank: int = 0) -> tuple[Path | None, dict[str, Any]]:
-    """(checkpoint to resume from, its state), or (None, {}) for a fresh run. Refuses a changed recipe, other
-    data or another process count (`check_resumable`), and state files that cannot be read safely
-    (`check_state_files`); damaged checkpoints are skipped with a warning."""
-    path = resolve_resume(resume, run_dir, warn=warn)
-    if path is None:
-        return None, {}
-    state = load_state(path)
-    check_resumable(state, path, recipe, data_fingerprint, world_size)
-    check_state_files(path, rank)
-    return path, state
-
-
-def load_training_state(path: Path, model, optimizer, scheduler, device, rank: int) -> None:
-    """Adapter weights, optimizer, scheduler and this process's RNG states from a verified checkpoint."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from .adapters import check_adapter_fits
-
-    check_adapter_fits(model, path / "adapter", fix="resume with the recipe and base model that wrote this checkpoint, "
-                       "or start a new run in another checkpoint.output_dir")
-    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"), device=str(device))
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise ResumeError(f"{path}: the adapter has keys this model lacks ({result.unexpected_keys[:3]}); "
-                          "it was written for another base or LoRA setting. Resume with the same recipe.")
-    try:
-        optimizer.load_state_dict(read_state(path, "optimizer", device))
-        scheduler.load_state_dict(read_state(path, "scheduler"))
-    except StateFileError as err:
-        raise ResumeError(f"cannot resume {path}: {err}. {_UNREADABLE_FIX}") from None
-    load_rank_rng(path, rank)
 
 
 class Saver:

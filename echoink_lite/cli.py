@@ -157,7 +157,7 @@ def cmd_recipes_explain(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from .data import check_command
+    from .data_check import check_command
 
     return check_command(args.path, args.report)
 

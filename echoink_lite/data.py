@@ -1,4 +1,4 @@
-"""Read AVQA-R1-6K style splits, check every row, load media, and build the prompt text.
+"""Read AVQA-R1-6K style splits and check every row: the rows training and evaluation use, and the rejects.
 
 Why this module exists: training and evaluation both start from a split folder laid out like the
 published AVQA-R1-6K data set (``audios/``, ``images/`` and a JSON list ``omni_rl_format_*.json``).
@@ -7,17 +7,14 @@ not crash a multi-hour GRPO run at step 400, and must not be silently dropped ei
 
 1. ``resolve_split`` finds the JSON file for a folder or file path.
 2. ``scan_split`` reads every row and either turns it into a checked ``Row`` or records a
-   ``Reject`` with a reason constant and a message that names the file/field and the fix.
+   ``Reject`` with a reason constant and a message that names the file/field and the fix. With
+   ``open_media`` it also reads the media files' headers and applies the model's limits (``media``).
 3. ``enforce_bad_fraction`` lets the caller refuse a split that is mostly broken.
-4. ``load_example`` decodes audio (16 kHz mono, first 10 s) and image (pixel-capped RGB) with the
-   same caps the original EchoInk-R1 used, and checks them against the processor's and model's limits
-   (an image over aspect ratio 200, audio too short for one audio token); failures raise ``MediaError``,
-   a ``RowEncodeError``, so callers can skip and count them. ``prompting.encode_row`` adds the prompt
-   encoding and is what training and evaluation call.
-5. ``check_command`` is ``echoink-lite data check PATH [--report FILE]``: the same checks plus a
-   full decode of every row, a summary table and a JSON Lines report. Exit 0: every row usable;
-   1: bad rows; 2: the check could not run (unreadable path, unwritable report).
 
+The reason constants and the errors (``DataError``, ``RowEncodeError``, ``MediaError``) are defined here
+for every stage that can reject a row. Decoding lives in ``media`` (files and samples) and
+``row_media.load_example`` (a row's media, failures naming the row); ``prompting.encode_row`` adds the
+prompt encoding and is what training and evaluation call; ``data_check`` is ``echoink-lite data check``.
 The prompt text and the answer tags are the answer protocol's (``answer_protocol``); ``Row.prompt_text``
 builds the text the model is asked.
 """
@@ -25,19 +22,16 @@ builds the text the model is asked.
 from __future__ import annotations
 
 import json
-import math
-import random
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any
 
-import numpy as np
 import soundfile as sf
-import soxr
 from PIL import Image
 
 from .answer_protocol import build_prompt_text, extract_answer, option_letters
+from .media import SAMPLING_RATE, audio_limit_problem, capped_image_size, image_limit_problem
 
 # --------------------------------------------------------------------------------------------
 # Reject reasons: stable strings, they appear in reports that users grep.
@@ -259,111 +253,6 @@ def _read_items(source: Path) -> list[tuple[Any, str | None]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Media caps (the original's) and the limits of the processor and model
-# --------------------------------------------------------------------------------------------
-
-# EchoInk-R1 feeds audio as 16 kHz mono cut to the first 10 s, and images brought within 4*28*28 and
-# 256*28*28 pixels (at most 256 visual tokens): its bundled qwen-omni-utils, src/qwen-omni-utils/src/
-# qwen_omni_utils/v2_5/audio_process.py and vision_process.py (MIN_PIXELS, MAX_PIXELS). A recipe's
-# data.max_audio_seconds / data.max_pixels can change the caps.
-SAMPLING_RATE = 16000
-DEFAULT_MAX_AUDIO_SECONDS = 10.0
-DEFAULT_MAX_PIXELS = 256 * 28 * 28
-DEFAULT_MIN_PIXELS = 4 * 28 * 28
-
-# A row outside the limits below decodes fine, then crashes the processor or the model at the training step
-# (or evaluation batch) that meets it, with a traceback that does not name the row. They are checked
-# explicitly, with the libraries' own numbers, when a split is scanned and again when a row is loaded,
-# rather than by running the processor over every row in `data check`: the audio limit is only hit inside
-# the model's forward pass (the processor encodes such audio without complaint), and an explicit check
-# needs no model download and costs nothing. Any other failure of the processor is caught when the row is
-# encoded (``prompting.encode_row`` raises ``RowEncodeError`` with reason ``encode_failed``).
-
-# transformers' smart_resize for Qwen2-VL-style image processors (models/qwen2_vl/image_processing_qwen2_vl.py,
-# used by Qwen2.5-Omni) raises "absolute aspect ratio must be smaller than 200" above this (so does the
-# original's vision_process.py, MAX_RATIO = 200).
-MAX_IMAGE_ASPECT_RATIO = 200
-
-# Qwen2.5-Omni's WhisperFeatureExtractor makes one mel frame per 160 samples (hop_length; 10 ms at 16 kHz).
-AUDIO_HOP_SAMPLES = 160
-
-
-def audio_token_count(samples: int) -> int:
-    """Audio tokens the thinker makes of ``samples`` 16 kHz samples.
-
-    Mel frames (one per started hop, as the feature extractor's attention mask counts them), then the audio
-    encoder's two stride-2 stages: ``_get_feat_extract_output_lengths`` in transformers'
-    models/qwen2_5_omni/modeling_qwen2_5_omni.py. With 0 tokens the thinker's ``get_rope_index`` fails
-    with "max(): ... numel() == 0".
-    """
-    frames = -(-samples // AUDIO_HOP_SAMPLES)
-    after_first_stage = (frames - 1) // 2 + 1
-    return (after_first_stage - 2) // 2 + 1
-
-
-MIN_AUDIO_SAMPLES = 2 * AUDIO_HOP_SAMPLES + 1  # 321 samples, about 20 ms: the fewest that give one audio token
-
-
-def audio_limit_problem(samples: int) -> str | None:
-    """Why audio of ``samples`` samples at 16 kHz cannot go to the model, or None if it can."""
-    if audio_token_count(samples) >= 1:
-        return None
-    return (
-        f"holds {samples} samples at 16 kHz ({1000 * samples / SAMPLING_RATE:.0f} ms), too short for one audio "
-        f"token (Qwen2.5-Omni needs at least {MIN_AUDIO_SAMPLES} samples, about 20 ms)"
-    )
-
-
-# The feature extractor's power spectrum is float32: a 400-sample Hann window (n_fft of Qwen2.5-Omni's
-# WhisperFeatureExtractor) sums to 200, so a window of samples at amplitude A has power up to (200 A)^2, which
-# overflows float32 (3.4e38) above A = 9.2e16 and turns the row's features into inf/NaN (measured: 9.22e16
-# on a constant signal). Decoded PCM lies in [-1, 1]; only a float file can hold such values.
-WHISPER_N_FFT = 400
-MAX_AUDIO_PEAK = math.sqrt(float(np.finfo(np.float32).max)) / (WHISPER_N_FFT / 2)
-
-
-def audio_sample_problem(samples: np.ndarray, sampling_rate: int = SAMPLING_RATE) -> str | None:
-    """Why these decoded samples would give the model non-finite features, or None: NaN or inf samples (a
-    float WAV can hold them), or a peak so large that the feature extractor's spectrum overflows."""
-    finite = np.isfinite(samples)
-    if not finite.all():
-        bad = int((~finite).sum())
-        first = int(np.argmin(finite))
-        return (f"holds {bad} NaN or infinite samples (the first at {first / sampling_rate:.3f} s), which make every "
-                "loss and gradient of its step non-finite")
-    peak = float(np.abs(samples).max()) if samples.size else 0.0
-    if peak > MAX_AUDIO_PEAK:
-        return (f"peaks at {peak:.3g}, over {MAX_AUDIO_PEAK:.3g} where the processor's spectrogram overflows to "
-                "inf/NaN (decoded audio normally lies in [-1, 1])")
-    return None
-
-
-def image_limit_problem(width: int, height: int) -> str | None:
-    """Why an image of this size (as the processor receives it) cannot go to the model, or None if it can."""
-    ratio = max(width, height) / min(width, height)
-    if ratio <= MAX_IMAGE_ASPECT_RATIO:
-        return None
-    return (
-        f"is {width}x{height} pixels after the pixel caps, an aspect ratio of {ratio:.1f}, over the image "
-        f"processor's limit of {MAX_IMAGE_ASPECT_RATIO}"
-    )
-
-
-def capped_image_size(
-    width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixels: int = DEFAULT_MIN_PIXELS
-) -> tuple[int, int]:
-    """The size ``load_image`` gives an image: pixel count brought within [min_pixels, max_pixels], aspect kept."""
-    pixels = width * height
-    if pixels > max_pixels:
-        scale = math.sqrt(max_pixels / pixels)
-        return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
-    if pixels < min_pixels:
-        scale = math.sqrt(min_pixels / pixels)
-        return math.ceil(width * scale), math.ceil(height * scale)
-    return width, height
-
-
-# --------------------------------------------------------------------------------------------
 # Checking rows
 # --------------------------------------------------------------------------------------------
 
@@ -477,7 +366,7 @@ def _check_media_files(
             return MISSING_FILE, f"{rel} does not exist under {split_dir}; fix the path or remove the row"
     if not open_media:
         return None
-    # Cheap header checks here; ``check_command`` additionally decodes everything.
+    # Cheap header checks here; ``data check`` (``data_check``) additionally decodes everything.
     try:
         info = sf.info(str(audio))
     except Exception as err:  # soundfile raises several types for unreadable files
@@ -487,8 +376,8 @@ def _check_media_files(
         )
     if info.frames <= 0:
         return EMPTY_AUDIO, f"{audio_rel} under {split_dir} holds no audio samples; replace the file or remove the row"
-    # Samples after resampling to 16 kHz, as load_audio will give them (exact up to rounding; load_example
-    # checks the decoded samples again).
+    # Samples after resampling to 16 kHz, as media.load_audio will give them (exact up to rounding;
+    # row_media.load_example checks the decoded samples again).
     problem = audio_limit_problem(int(info.frames * SAMPLING_RATE / info.samplerate))
     if problem:
         return AUDIO_TOO_SHORT, f"{audio_rel} under {split_dir} {problem}; replace the file or remove the row"
@@ -504,7 +393,7 @@ def _check_media_files(
     if 0 in size:
         return EMPTY_IMAGE, (f"{image_rel} under {split_dir} is {size[0]}x{size[1]} pixels, an empty image;"
                              " replace the file or remove the row")
-    # With the paper's pixel caps; load_example checks the image at the caps in use.
+    # With the paper's pixel caps; row_media.load_example checks the image at the caps in use.
     problem = image_limit_problem(*capped_image_size(*size))
     if problem:
         return IMAGE_ASPECT_RATIO, (
@@ -605,245 +494,3 @@ def enforce_bad_fraction(scan: SplitScan, max_bad_fraction: float, what: str) ->
             f"({scan.bad_fraction:.1%} > data.max_bad_fraction {max_bad_fraction:.1%}; by reason: {counts}); "
             f"{fix}, then fix the rows or raise data.max_bad_fraction"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Media loading (the caps above: 16 kHz mono, first 10 s; at most 256*28*28 pixels)
-# --------------------------------------------------------------------------------------------
-
-
-def load_audio(
-    path: str | Path, max_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS, sampling_rate: int = SAMPLING_RATE
-) -> np.ndarray:
-    """Float32 mono samples at ``sampling_rate``, cut to the first ``max_seconds`` (None: whole file).
-
-    soundfile + soxr rather than librosa: same samples, milliseconds instead of a ~18 s numba warm-up.
-    """
-    native_rate = sf.info(str(path)).samplerate
-    # Read only what survives the cut: a 10-minute file costs the same as a 10-second one.
-    frames = -1 if max_seconds is None else int(max_seconds * native_rate)
-    samples, native_rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
-    mono = samples.mean(axis=1, dtype=np.float32)
-    if native_rate != sampling_rate:
-        mono = soxr.resample(mono, native_rate, sampling_rate)
-    if max_seconds is not None:
-        mono = mono[: int(max_seconds * sampling_rate)]  # resampling may add a sample
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-class EmptyImageError(ValueError):
-    """An image file that decodes to no pixels."""
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    # Transparent pixels go on white, as the Qwen image processor's convert_rgb does.
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixels: int = DEFAULT_MIN_PIXELS) -> Image.Image:
-    """RGB image whose pixel count is brought within [min_pixels, max_pixels], aspect ratio kept.
-
-    The Qwen processor also snaps sizes to multiples of 28; capping here first bounds memory and
-    the number of visual tokens (256*28*28 pixels -> at most 256 tokens).
-    """
-    with Image.open(path) as img:
-        img.load()
-        if 0 in img.size:  # Pillow's own readers refuse such files; a plugin's may not
-            raise EmptyImageError(f"decodes to an empty image ({img.size[0]}x{img.size[1]} pixels)")
-        rgb = _to_rgb(img)
-    size = capped_image_size(rgb.width, rgb.height, max_pixels, min_pixels)
-    if size != rgb.size:
-        rgb = rgb.resize(size, Image.BICUBIC)
-    return rgb
-
-
-@dataclass
-class Example:
-    row: Row
-    audio: np.ndarray  # float32 mono, 16 kHz
-    image: Image.Image  # RGB
-
-
-def load_example(
-    row: Row, max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> Example:
-    """Decode a row's media with the caps; ``MediaError`` (with a reason constant) if either cannot be
-    decoded or is outside the processor's and model's limits (see ``audio_limit_problem``,
-    ``image_limit_problem``)."""
-    where = f"row {row.index} (problem_id {row.problem_id!r})"
-
-    def fail(reason: str, detail: str) -> MediaError:
-        return MediaError(reason, f"{where}: {detail}", problem_id=row.problem_id, index=row.index)
-
-    try:
-        audio = load_audio(row.audio_path, max_seconds=max_audio_seconds)
-    except Exception as err:
-        raise fail(BAD_AUDIO, f"{row.audio_path} cannot be decoded as audio ({err}); replace the file or remove the row") from err
-    if audio.size == 0:
-        raise fail(EMPTY_AUDIO, f"{row.audio_path} holds no audio samples; replace the file or remove the row")
-    problem = audio_sample_problem(audio)
-    if problem:
-        raise fail(NONFINITE_AUDIO, f"{row.audio_path} {problem}; replace the file or remove the row")
-    problem = audio_limit_problem(audio.size)
-    if problem:
-        raise fail(AUDIO_TOO_SHORT, f"{row.audio_path} {problem}; replace the file or remove the row")
-    try:
-        image = load_image(row.image_path, max_pixels=max_pixels)
-    except EmptyImageError as err:
-        raise fail(EMPTY_IMAGE, f"{row.image_path} {err}; replace the file or remove the row") from err
-    except Exception as err:
-        raise fail(BAD_IMAGE, f"{row.image_path} cannot be decoded as an image ({err}); replace the file or remove the row") from err
-    problem = image_limit_problem(*image.size)
-    if problem:
-        raise fail(IMAGE_ASPECT_RATIO, f"{row.image_path} {problem}; crop or pad the image, or remove the row")
-    return Example(row=row, audio=audio, image=image)
-
-
-# --------------------------------------------------------------------------------------------
-# Modality check helper: give every row another row's media
-# --------------------------------------------------------------------------------------------
-
-
-def derange(rows: list[Row], which: Literal["audio", "image", "both"], seed: int) -> list[Row]:
-    """Rows whose audio, image or both come from a different row (a seeded derangement).
-
-    Question and answer stay unchanged, so accuracy falling towards chance shows the model
-    really uses that modality. With "both" the media come from the same donor row.
-    """
-    if which not in ("audio", "image", "both"):
-        raise ValueError(f"which must be 'audio', 'image' or 'both', not {which!r}")
-    if len(rows) < 2:
-        raise DataError(f"need at least 2 rows to swap media between rows, got {len(rows)}")
-    # Sattolo's algorithm: a uniformly random single cycle, so no row keeps its own media.
-    donors = list(range(len(rows)))
-    rng = random.Random(seed)
-    for i in range(len(donors) - 1, 0, -1):
-        j = rng.randrange(i)
-        donors[i], donors[j] = donors[j], donors[i]
-
-    swapped = []
-    for row, donor_index in zip(rows, donors):
-        donor = rows[donor_index]
-        changes: dict[str, Path] = {}
-        if which in ("audio", "both"):
-            changes["audio_path"] = donor.audio_path
-        if which in ("image", "both"):
-            changes["image_path"] = donor.image_path
-        swapped.append(replace(row, **changes))
-    return swapped
-
-
-# --------------------------------------------------------------------------------------------
-# `echoink-lite data check PATH [--report FILE]`
-# --------------------------------------------------------------------------------------------
-
-
-def write_reject_report(rejects: Iterable[Reject], path: str | Path) -> Path:
-    """JSON Lines, one reject per line: problem_id, reason, detail, index. Written whole (a temporary file and a
-    rename), and only over a report of its own (`safe_output`): never over a dataset file."""
-    from .safe_output import REJECT_REPORT, write_output
-
-    text = "".join(json.dumps(reject.to_json(), ensure_ascii=False) + "\n" for reject in rejects)
-    return write_output(path, text, REJECT_REPORT, "--report")
-
-
-# Exit codes of `data check` (also in its --help).
-CHECK_OK, CHECK_BAD_ROWS, CHECK_IO_ERROR = 0, 1, 2
-
-
-def _report_write_problem(report: Path) -> str | None:
-    """Why the report file cannot be written, or None. Checked before the (long) decode of every row,
-    without creating anything yet: a folder, an unwritable place, or a file that is not an earlier report."""
-    from .safe_output import REJECT_REPORT, OutputError, check_output_file
-
-    try:
-        check_output_file(report, REJECT_REPORT, "--report")
-    except OutputError as err:
-        return str(err)
-    return None
-
-
-def check_command(path: str | Path, report: str | Path | None = None, console=None) -> int:
-    """Check a split end to end: every row, then a full decode of its media with the limits of the
-    processor and model. Returns 0 if every row is usable, 1 if some rows (or the whole list file) are
-    unusable, 2 if the check itself could not run: the path does not exist or cannot be read, or the
-    report cannot be written. Errors are one line naming the path.
-
-    A list file that cannot be parsed at all returns 1 (no report is written then: there are no rows to list).
-    """
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import Progress
-    from rich.table import Table
-
-    console = console or Console()
-
-    def error(message: str) -> None:
-        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-    report = Path(report).expanduser() if report is not None else None
-    problem = _report_write_problem(report) if report is not None else None
-    if report is not None and report.resolve() == Path(path).expanduser().resolve():
-        problem = f"--report {report} is the data being checked; pass another path, e.g. bad_rows.jsonl"
-    if problem:
-        error(problem)
-        return CHECK_IO_ERROR
-    try:
-        scan = scan_split(path, open_media=True)
-    except SplitReadError as err:
-        error(str(err))
-        return CHECK_IO_ERROR
-    except DataError as err:
-        error(str(err))
-        return CHECK_BAD_ROWS
-
-    # Headers can look fine while the data is truncated: decode everything once, with the limits.
-    usable: list[Row] = []
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("decoding media", total=len(scan.rows))
-        for row in scan.rows:
-            try:
-                load_example(row)
-                usable.append(row)
-            except MediaError as err:
-                scan.rejects.append(Reject(row.index, row.problem_id, err.reason, err.detail))
-            progress.advance(task)
-    scan.rows = usable
-    scan.rejects.sort(key=lambda r: r.index)
-
-    console.print(f"data check: {escape(str(scan.source_file))}", highlight=False)
-    table = Table()
-    table.add_column("")
-    table.add_column("rows", justify="right")
-    table.add_row("read", str(scan.total))
-    table.add_row("usable", str(len(scan.rows)))
-    table.add_row("rejected", str(len(scan.rejects)))
-    for reason, n in scan.counts_by_reason().items():
-        table.add_row(f"  {reason}", str(n))
-    console.print(table)
-
-    if report is not None:
-        from .safe_output import OutputError
-
-        try:
-            written = write_reject_report(scan.rejects, report)
-        except OutputError as err:
-            error(str(err))
-            return CHECK_IO_ERROR
-        console.print(f"reject report: {written} ({len(scan.rejects)} lines)")
-
-    shown = 5
-    for reject in scan.rejects[:shown]:
-        # escape(): details quote user data, which may contain [brackets] rich would read as markup.
-        pid = escape(repr(reject.problem_id))
-        console.print(f"[red]{reject.reason}[/] problem_id={pid}: {escape(reject.detail)}", highlight=False)
-    if len(scan.rejects) > shown:
-        more = f"; see {report}" if report is not None else "; pass --report FILE to list them all"
-        console.print(f"... and {len(scan.rejects) - shown} more{more}")
-    if not scan.rejects:
-        console.print("[green]all rows usable[/]")
-    return CHECK_OK if not scan.rejects else CHECK_BAD_ROWS

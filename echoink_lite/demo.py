@@ -178,13 +178,14 @@ def merge_into_demo_folder(out: Path, adapter_dir: Path, console: Console) -> di
 def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int = 0, console: Console | None = None) -> dict:
     import torch
 
-    from .data import derange, scan_split
+    from .data import scan_split
     from .eval_model import load_model
     from .evaluate import EvalConfig, evaluate_rows, load_eval_model, print_summary
     from .grpo import train
     from .infer import infer
     from .metrics import plot_run
     from .modeling import usable_cpus
+    from .row_media import derange
     from .safe_output import DEMO_SUMMARY, write_json_output
     from .synth import write_synth_set
     from .tiny import build_tiny_omni

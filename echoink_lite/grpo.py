@@ -58,6 +58,7 @@ from .preflight import check_memory_fits, host_memory_problem, preflight_longest
 from .progress import live_display, phase_progress
 from .prompting import Encoded, PromptTooLongError, encode_row
 from .recipe import Recipe
+from .resume import load_training_state, resume_point, resume_requested
 from .rewards import compute_rewards, resolve_rewards
 from .rollout import RolloutEngine, SamplingParams
 from .row_skips import SkipBudget, no_prompt_left, nonfinite_rows_note
@@ -141,8 +142,8 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
     console = make_console(console)
     dst = setup_dist()
     run_dir = Path(recipe.checkpoint.output_dir)
-    resuming = ckpt.resume_requested(resume)
-    ckpt.check_run_dir(run_dir, resuming, overwrite)  # every process; reads only
+    resuming = resume_requested(resume)
+    run_folder.check_run_dir(run_dir, resuming, overwrite)  # every process; reads only
     run_folder.check_apart_from_inputs(recipe)
     run_folder.check_own_run_files(run_dir, recipe.to_yaml())
 
@@ -168,7 +169,7 @@ def train(recipe: Recipe, resume: str | None = None, console=None, force: bool =
 def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, overwrite: bool, dst: Dist, note,
                   lock) -> TrainResult:
     run_dir = Path(recipe.checkpoint.output_dir)
-    resuming = ckpt.resume_requested(resume)
+    resuming = resume_requested(resume)
 
     # -- setup: data (bad rows counted, never silently skipped) and the resume point ------------------
     scan = scan_split(recipe.data.train, open_media=True)
@@ -177,7 +178,7 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
     derived = recipe.derived(len(rows), world_size=dst.world)
     total_steps = derived["total_steps"]
     fingerprint = rows_fingerprint(rows)
-    resume_from, state = ckpt.resume_point(run_dir, resume, recipe, fingerprint, dst.world, warn=note, rank=dst.rank)
+    resume_from, state = resume_point(run_dir, resume, recipe, fingerprint, dst.world, warn=note, rank=dst.rank)
     start_step = state.get("step", 0)
     schedule = _saved_schedule(state, recipe) or data_schedule(len(rows), recipe.grpo.prompts_per_step, total_steps,
                                                                 recipe.schedule.seed)
@@ -203,8 +204,8 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
     error = None
     if dst.main:
         try:
-            ckpt.prepare_run_dir(run_dir, resuming, overwrite, resume_step=start_step if resume_from else None,
-                                 recipe_text=recipe.to_yaml(), note=note, lock=lock)
+            run_folder.prepare_run_dir(run_dir, resuming, overwrite, resume_step=start_step if resume_from else None,
+                                       recipe_text=recipe.to_yaml(), note=note, lock=lock)
         except ckpt.CheckpointError as err:
             error = err
     if not dst.all_ok(error is None):
@@ -220,7 +221,7 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
     run.counters.setdefault("nonfinite_rows", [])
     run.skip_budget = SkipBudget.for_run(scan, rows, recipe.data.max_bad_fraction)
     if resume_from is not None:
-        ckpt.load_training_state(resume_from, run.model, run.optimizer, run.scheduler, dst.device, dst.rank)
+        load_training_state(resume_from, run.model, run.optimizer, run.scheduler, dst.device, dst.rank)
         if dst.main:
             console.print(f"[green]resumed from {resume_from} at step {start_step}/{total_steps}[/]")
     else:

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 
 from .answer_protocol import build_prompt_text, extract_answer, extract_think, option_letters, parse_answer
-from .data import DataError, audio_limit_problem, audio_sample_problem, image_limit_problem, load_audio, load_image
+from .data import DataError
 from .eval_model import load_model, resolve_base_model, resolve_quantization
 from .eval_protocols import PAPER_TEMPERATURE, PAPER_TOP_P, EvalError
 from .flag_ranges import check_flags
+from .media import audio_limit_problem, audio_sample_problem, image_limit_problem, load_audio, load_image
 from .modeling import ModelLoadError, default_device, multimodal_token_ids
 from .prompting import collate, completion_mask, decode_completions, encode_text_prompt, generation_kwargs, to_device
 

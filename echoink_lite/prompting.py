@@ -21,7 +21,7 @@ text parts, and the official Qwen2.5-Omni chat template (its `chat_template.json
 with an `audio` key (`content['type'] == 'audio' or 'audio' in content`) as an audio placeholder.
 
 `encode_row` is the one way training and evaluation turn a row into model inputs: it loads the media with
-the caps and limits of `data.load_example` and encodes the prompt, and any failure of either is a
+the caps and limits of `row_media.load_example` and encodes the prompt, and any failure of either is a
 `data.RowEncodeError` that names the row, so callers skip the row and count it by its reason.
 """
 
@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from .data import ENCODE_FAILED, NONFINITE_AUDIO, PROMPT_TOO_LONG, Example, Row, RowEncodeError, load_example
+from .data import ENCODE_FAILED, NONFINITE_AUDIO, PROMPT_TOO_LONG, Row, RowEncodeError
+from .row_media import Example, load_example
 
 
 class PromptTooLongError(RowEncodeError):

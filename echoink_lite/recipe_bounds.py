@@ -18,7 +18,7 @@ from typing import Any
 # Qwen2.5-Omni-7B thinker: text_config.max_position_embeddings.
 CONTEXT_TOKENS = 32768
 # Qwen2.5-Omni: 25 audio tokens per second of audio (memory_estimate.AUDIO_TOKENS_PER_SECOND), 28 x 28 pixels
-# per visual token (data.py); the fewest samples that make one audio token (data.MIN_AUDIO_SAMPLES at 16 kHz).
+# per visual token (media.py); the fewest samples that make one audio token (media.MIN_AUDIO_SAMPLES at 16 kHz).
 AUDIO_TOKENS_PER_SECOND = 25
 PIXELS_PER_VISUAL_TOKEN = 28 * 28
 MIN_AUDIO_SECONDS = (2 * 160 + 1) / 16000

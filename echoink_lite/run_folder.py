@@ -1,10 +1,15 @@
-"""Who may write a run folder, and where it may be: one `train` at a time, never on its own data or model.
+"""Who may write a run folder, and where it may be: one `train` at a time, never on its own data or model, never
+mixed with an earlier run.
 
 - **Where.** `checkpoint.output_dir` must not be, contain, or lie inside the training or validation split
   folder or the (local) model folder: `--overwrite` renames an earlier run aside, which there would move the
   data away and leave the run training on nothing. A fresh start never replaces a `recipe.yaml` or
   `curves.png` the kit did not write there (a recipe of the user's kept beside the run). Checked on every
   process before anything is written.
+- **An earlier run.** Starting a run refuses a folder that holds an earlier run unless it resumes it or moves it
+  aside (`--overwrite`): a fresh start there would truncate metrics.jsonl, and its new checkpoints would lose to
+  the older, higher-numbered ones at pruning and at the next `--resume auto`. `check_run_dir` refuses (reads
+  only, every process); `prepare_run_dir` makes the run's first writes once every check has passed.
 - **Who.** `train` holds an exclusive lock, `RUN/train.lock`, created with O_CREAT | O_EXCL (atomic: of two
   runs starting together exactly one gets it) and holding the process id, the host and when it started. A
   second `train` into the folder is refused in one line naming the holder. Under torchrun or `accelerate
@@ -14,6 +19,8 @@
   naming it. A lock from another host (a Drive folder shared by two machines, a Colab runtime that was
   replaced) cannot be checked that way, so the holder touches the file every `HEARTBEAT_S` seconds and a lock
   untouched for `STALE_AFTER_S` seconds is stale too; a fresher one is refused, saying how to proceed.
+
+The checkpoints inside the folder are `checkpoints`'s; choosing one to resume from is `resume`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -28,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import RunFolderError
+from .checkpoints import CheckpointError, checkpoint_dir, complete_checkpoints, step_dirs, write_text_atomic
 from .safe_output import CURVES_PNG, RUN_LOCK_NAME
 
 HEARTBEAT_S = 60.0
@@ -36,6 +44,14 @@ STALE_AFTER_S = 600.0
 RUN_RECIPE_HEADER = "# echoink-lite train: the recipe this run was started with (rewritten by the kit at each start)\n"
 
 Note = Callable[[str], None]
+
+
+class RunFolderError(CheckpointError):
+    """A run folder that cannot be used as asked (an earlier run in it, not writable)."""
+
+
+def _stderr(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -88,9 +104,7 @@ def kit_recipe_file(path: Path, recipe_text: str | None = None) -> bool:
 
 def check_own_run_files(run_dir: Path, recipe_text: str | None = None) -> None:
     """RunFolderError when the folder holds a recipe.yaml or curves.png the kit did not write, which a run would
-    replace. Only for folders without an earlier run (`checkpoints.check_run_dir` handles those)."""
-    from .checkpoints import earlier_run
-
+    replace. Only for folders without an earlier run (`check_run_dir` handles those)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir() or earlier_run(run_dir):
         return
@@ -101,6 +115,97 @@ def check_own_run_files(run_dir: Path, recipe_text: str | None = None) -> None:
                 f"{path} was not written by echoink-lite train, and a run in {run_dir} would replace it. Fix: move "
                 "that file away, or choose another checkpoint.output_dir."
             )
+
+
+# ---------------------------------------------------------------------------------------------------
+# An earlier run in the folder: refuse to start over it; move it aside only when asked
+# ---------------------------------------------------------------------------------------------------
+def earlier_run(run_dir: Path) -> list[str]:
+    """What in `run_dir` shows that a run already made progress there (empty if nothing)."""
+    run_dir = Path(run_dir)
+    found = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    steps = step_dirs(run_dir)
+    if steps:
+        found.append(f"checkpoints up to {steps[-1][1].name}")
+    if (run_dir / "adapter").exists():
+        found.append("adapter/")
+    return found
+
+
+def check_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuse (RunFolderError) a start that would mix with an earlier run. Reads only: call it on every process."""
+    run_dir = Path(run_dir)
+    if resuming and overwrite:
+        raise RunFolderError("--overwrite starts a new run and --resume continues one: pass only one of them")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"checkpoint.output_dir {run_dir} is a file, not a folder: choose another checkpoint.output_dir")
+    found = [] if resuming or overwrite else earlier_run(run_dir)
+    if found:
+        raise RunFolderError(
+            f"{run_dir} holds an earlier run ({', '.join(found)}); starting over there would mix the two runs. "
+            "Continue it with --resume auto, start elsewhere with checkpoint.output_dir=NEW_FOLDER, or pass "
+            "--overwrite to move the earlier run aside (renamed, not deleted)."
+        )
+
+
+def _free_name(path: Path) -> Path:
+    if not path.exists():
+        return path
+    n = 2
+    while path.with_name(f"{path.name}-{n}").exists():
+        n += 1
+    return path.with_name(f"{path.name}-{n}")
+
+
+def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step: int | None = None,
+                    recipe_text: str | None = None, note: Note | None = None, lock=None) -> Path | None:
+    """The run's first writes, once every check has passed (the main process only).
+
+    With `overwrite`, an earlier run is renamed to `<run_dir>.old-<time>` (returned); the run's lock
+    (`RunLock`, which was inside it) moves to the new folder. When resuming at
+    `resume_step`, complete checkpoints of later steps (damaged ones skipped by the resume, or a timeline
+    left by resuming an older checkpoint) are moved to `checkpoints/set-aside-<time>/`, so that pruning and a
+    later `--resume auto` cannot prefer them. Then the folder is created and `recipe_text` saved as recipe.yaml.
+    """
+    note = note or _stderr
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, resuming, overwrite)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = None
+    writing = run_dir
+    try:
+        if overwrite and earlier_run(run_dir):
+            absolute = run_dir.resolve()
+            moved = writing = _free_name(absolute.with_name(f"{absolute.name}.old-{stamp}"))
+            absolute.rename(moved)
+            note(f"moved the earlier run in {run_dir} aside to {moved}")
+        writing = run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if moved is not None and lock is not None:
+            lock.relocate(moved)
+        newer = [p for s, p in complete_checkpoints(run_dir) if resume_step is not None and s > resume_step]
+        if newer:
+            writing = aside = _free_name(checkpoint_dir(run_dir) / f"set-aside-{stamp}")
+            aside.mkdir()
+            for p in newer:
+                p.rename(aside / p.name)
+            note(f"moved {len(newer)} checkpoint(s) newer than step {resume_step} ({', '.join(p.name for p in newer)}) "
+                 f"aside to {aside}: this run continues from step {resume_step}")
+        if recipe_text is not None:
+            writing = run_dir / "recipe.yaml"
+            write_text_atomic(writing, RUN_RECIPE_HEADER + recipe_text)
+        else:  # make sure the folder takes files before anything runs
+            writing = run_dir / f".write-test-{os.getpid()}"
+            writing.write_bytes(b"")
+            writing.unlink()
+    except OSError as err:
+        raise RunFolderError(
+            f"cannot write {writing}: {err.strerror or err}. Choose a writable checkpoint.output_dir."
+        ) from None
+    return moved
 
 
 # ---------------------------------------------------------------------------------------------------

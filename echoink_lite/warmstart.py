@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .data import load_example, scan_split
+from .data import scan_split
 from .modeling import load_processor, load_thinker
 from .progress import phase_progress
 from .prompting import collate, encode_example
+from .row_media import load_example
 from .synth import SYNTH_CLASSES
 
 WARM_START_KIND = "demo warm start"

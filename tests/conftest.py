@@ -54,10 +54,11 @@ def synth_dir(tmp_path_factory):
 
 
 def _engine_parts(tiny_model_dir, synth_dir, attn_implementation):
-    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.data import scan_split
     from echoink_lite.modeling import add_lora, load_processor, load_thinker
     from echoink_lite.prompting import encode_example
     from echoink_lite.recipe import LoraSection, QuantizationSection
+    from echoink_lite.row_media import load_example
     from echoink_lite.thinker_forward import encode_prompts
 
     proc = load_processor(str(tiny_model_dir))

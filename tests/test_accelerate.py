@@ -16,6 +16,7 @@ from test_ddp import _free_loopback_port
 from test_grpo import tiny_recipe
 
 from echoink_lite import checkpoints as ckpt
+from echoink_lite.resume import load_state
 
 
 def test_accelerate_launch_multi_gpu_trains_with_two_cpu_processes(tiny_model_dir, synth_dir, tmp_path):
@@ -37,4 +38,4 @@ def test_accelerate_launch_multi_gpu_trains_with_two_cpu_processes(tiny_model_di
     final = ckpt.latest_checkpoint(out)
     assert final.name == "step-000002" and ckpt.verify_checkpoint(final)
     assert sorted(p.name for p in final.glob("rng-rank*")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
-    assert ckpt.load_state(final)["world_size"] == 2
+    assert load_state(final)["world_size"] == 2

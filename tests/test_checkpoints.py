@@ -23,7 +23,8 @@ from echoink_lite.cli import main
 from echoink_lite.evaluate import EvalError, _read_done
 from echoink_lite.grpo import train
 from echoink_lite.metrics import MetricsWriter, read_metrics
-from echoink_lite.run_folder import RUN_RECIPE_HEADER
+from echoink_lite.resume import check_resumable, load_state, read_rank_rng, resolve_resume
+from echoink_lite.run_folder import RUN_RECIPE_HEADER, RunFolderError, check_run_dir, prepare_run_dir
 from test_grpo import tiny_recipe
 
 ADAPTER = "adapter/adapter_model.safetensors"
@@ -58,7 +59,7 @@ def _snapshot(folder):
 # ---------------------------------------------------------------------------------------------------
 def test_a_fresh_start_over_an_earlier_run_is_refused_and_changes_nothing(tiny_model_dir, synth_dir, run_copy):
     before = _snapshot(run_copy)
-    with pytest.raises(ckpt.RunFolderError) as err:
+    with pytest.raises(RunFolderError) as err:
         train(two_step_recipe(tiny_model_dir, synth_dir, run_copy))
     msg = str(err.value)
     assert "\n" not in msg and str(run_copy) in msg
@@ -79,19 +80,19 @@ def test_the_command_line_refuses_in_one_line_and_takes_overwrite(tiny_model_dir
 
 def test_run_folder_checks_in_isolation(tmp_path):
     run = tmp_path / "run"
-    ckpt.check_run_dir(run, resuming=False, overwrite=False)  # nothing there yet
+    check_run_dir(run, resuming=False, overwrite=False)  # nothing there yet
     (run / "checkpoints").mkdir(parents=True)
     (run / "recipe.yaml").write_text("x: 1\n")  # a run refused before step 1 made no progress
     (run / "metrics.jsonl").write_text("")
-    ckpt.check_run_dir(run, resuming=False, overwrite=False)
+    check_run_dir(run, resuming=False, overwrite=False)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(ckpt.RunFolderError, match="holds an earlier run"):
-        ckpt.check_run_dir(run, resuming=False, overwrite=False)
-    ckpt.check_run_dir(run, resuming=True, overwrite=False)
-    with pytest.raises(ckpt.RunFolderError, match="only one of them"):
-        ckpt.check_run_dir(run, resuming=True, overwrite=True)
+    with pytest.raises(RunFolderError, match="holds an earlier run"):
+        check_run_dir(run, resuming=False, overwrite=False)
+    check_run_dir(run, resuming=True, overwrite=False)
+    with pytest.raises(RunFolderError, match="only one of them"):
+        check_run_dir(run, resuming=True, overwrite=True)
     notes = []
-    moved = ckpt.prepare_run_dir(run, resuming=False, overwrite=True, recipe_text="y: 2\n", note=notes.append)
+    moved = prepare_run_dir(run, resuming=False, overwrite=True, recipe_text="y: 2\n", note=notes.append)
     assert moved.name.startswith("run.old-") and (moved / "metrics.jsonl").read_text() == '{"step": 1}\n'
     assert str(moved) in notes[0]
     assert sorted(p.name for p in run.iterdir()) == ["recipe.yaml"]
@@ -117,8 +118,8 @@ def test_a_read_only_output_dir_is_one_line_naming_it(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
     monkeypatch.setattr(pathlib.Path, "mkdir", refuse)
-    with pytest.raises(ckpt.RunFolderError) as err:
-        ckpt.prepare_run_dir(tmp_path / "run", resuming=False, overwrite=False, recipe_text="x: 1\n")
+    with pytest.raises(RunFolderError) as err:
+        prepare_run_dir(tmp_path / "run", resuming=False, overwrite=False, recipe_text="x: 1\n")
     assert str(err.value) == f"cannot write {tmp_path / 'run'}: Permission denied. Choose a writable checkpoint.output_dir."
 
 
@@ -135,13 +136,13 @@ def test_a_refused_resume_leaves_the_run_folder_untouched(tiny_model_dir, synth_
 
 def test_check_resumable_names_what_changed(finished_run, tiny_model_dir, synth_dir):
     path = ckpt.latest_checkpoint(finished_run)
-    state = ckpt.load_state(path)
+    state = load_state(path)
     recipe = two_step_recipe(tiny_model_dir, synth_dir, finished_run)
-    ckpt.check_resumable(state, path, recipe, state["data_fingerprint"], 1)
+    check_resumable(state, path, recipe, state["data_fingerprint"], 1)
     with pytest.raises(ckpt.ResumeError, match="training rows differ"):
-        ckpt.check_resumable(state, path, recipe, "another-fingerprint", 1)
+        check_resumable(state, path, recipe, "another-fingerprint", 1)
     with pytest.raises(ckpt.ResumeError, match="written by 1 process.*this run has 2"):
-        ckpt.check_resumable(state, path, recipe, state["data_fingerprint"], 2)
+        check_resumable(state, path, recipe, state["data_fingerprint"], 2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,12 +197,12 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(run_cop
     newest = run_copy / "checkpoints" / "step-000002"
     damage(newest / rel)
     warnings = []
-    assert ckpt.resolve_resume("auto", run_copy, warn=warnings.append) == run_copy / "checkpoints" / "step-000001"
+    assert resolve_resume("auto", run_copy, warn=warnings.append) == run_copy / "checkpoints" / "step-000001"
     assert len(warnings) == 1 and "\n" not in warnings[0]
     assert str(newest / rel) in warnings[0] and "step-000001" in warnings[0]
     # asked for by path, the damaged checkpoint is refused, naming the file
     with pytest.raises(ckpt.ResumeError) as err:
-        ckpt.resolve_resume(str(newest), run_copy, warn=warnings.append)
+        resolve_resume(str(newest), run_copy, warn=warnings.append)
     assert str(newest / rel) in str(err.value) and "--resume auto" in str(err.value)
 
 
@@ -209,7 +210,7 @@ def test_no_intact_checkpoint_is_refused_clearly(run_copy):
     for step in (1, 2):
         _truncate(run_copy / "checkpoints" / f"step-{step:06d}" / "optimizer.safetensors")
     with pytest.raises(ckpt.ResumeError) as err:
-        ckpt.resolve_resume("auto", run_copy, warn=lambda m: None)
+        resolve_resume("auto", run_copy, warn=lambda m: None)
     msg = str(err.value)
     assert msg.startswith("no intact checkpoint in") and "\n" not in msg
     assert "step-000001/optimizer.safetensors" in msg and "step-000002/optimizer.safetensors" in msg and "--overwrite" in msg
@@ -239,17 +240,17 @@ def test_a_marker_without_manifest_is_still_read_with_a_note(run_copy):
     newest = run_copy / "checkpoints" / "step-000002"
     (newest / ckpt.MARKER).write_text("2\n")  # what earlier versions wrote
     notes = []
-    assert ckpt.resolve_resume("auto", run_copy, warn=notes.append) == newest
+    assert resolve_resume("auto", run_copy, warn=notes.append) == newest
     assert len(notes) == 1 and "no file checksums" in notes[0]
     # completeness is still checked: a truncated file is found without the manifest
     _truncate(newest / "optimizer.safetensors")
-    assert ckpt.resolve_resume("auto", run_copy, warn=notes.append).name == "step-000001"
+    assert resolve_resume("auto", run_copy, warn=notes.append).name == "step-000001"
     assert f"{newest / 'optimizer.safetensors'} has " in notes[-1] and "its header describes" in notes[-1]
 
 
 def test_newer_checkpoints_are_set_aside_when_resuming_an_older_one(run_copy):
     notes = []
-    ckpt.prepare_run_dir(run_copy, resuming=True, overwrite=False, resume_step=1, note=notes.append)
+    prepare_run_dir(run_copy, resuming=True, overwrite=False, resume_step=1, note=notes.append)
     assert [s for s, _ in ckpt.complete_checkpoints(run_copy)] == [1]
     assert "step-000002" in notes[0] and "set-aside-" in notes[0]
 
@@ -323,7 +324,7 @@ def test_a_full_disk_during_a_save_says_so_and_keeps_the_previous_checkpoint(tmp
     assert str(err.value).startswith(f"no space left on device while writing {written}; "
                                      f"the previous checkpoint {previous} is intact")
     assert not ckpt.tmp_path_for(tmp_path, 2).exists()  # the partial save is removed to give space back
-    assert ckpt.resolve_resume("auto", tmp_path, warn=pytest.fail) == previous
+    assert resolve_resume("auto", tmp_path, warn=pytest.fail) == previous
 
 
 def test_a_state_file_write_that_the_disk_refuses_is_one_line(tmp_path):
@@ -427,10 +428,10 @@ def test_rng_files_of_earlier_versions_are_read_safely_or_refused(run_copy):
     (newest / "rng-rank0.safetensors").unlink()
     state = ckpt.rng_state()
     torch.save(state, newest / "rng-rank0.pt")  # the previous version: plain lists and a tensor
-    read = ckpt.read_rank_rng(newest, 0)
+    read = read_rank_rng(newest, 0)
     assert read["python"] == state["python"] and torch.equal(read["torch"], state["torch"])
     old = dict(state, numpy=np.random.get_state())  # the first versions: a NumPy array, needs the full unpickler
     torch.save(old, newest / "rng-rank0.pt")
     with pytest.raises(ckpt.ResumeError) as err:
-        ckpt.read_rank_rng(newest, 0)
+        read_rank_rng(newest, 0)
     assert "rng-rank0.pt cannot be read without running code" in str(err.value) and "\n" not in str(err.value)

@@ -30,16 +30,13 @@ from echoink_lite.data import (
     DataError,
     MediaError,
     Reject,
-    check_command,
-    derange,
     enforce_bad_fraction,
-    load_audio,
-    load_example,
-    load_image,
     resolve_split,
     scan_split,
-    write_reject_report,
 )
+from echoink_lite.data_check import check_command, write_reject_report
+from echoink_lite.media import load_audio, load_image
+from echoink_lite.row_media import derange, load_example
 
 OPTIONS = ["A. Playing the violin", "B. Singing", "C. Playing the piano", "D. Drumming"]
 

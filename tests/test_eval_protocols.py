@@ -18,11 +18,12 @@ from rich.console import Console
 from echoink_lite import evaluate
 from echoink_lite.answer_protocol import extract_choice, original_gold, parse_answer
 from echoink_lite.cli import main
-from echoink_lite.data import load_example, scan_split
+from echoink_lite.data import scan_split
 from echoink_lite.eval_protocols import PROTOCOLS, EvalError, resolve_decoding
 from echoink_lite.evaluate import EvalConfig, evaluate_rows, load_eval_model, run_eval
 from echoink_lite.prompting import build_messages, encode_row, render_prompt
 from echoink_lite.rollout import RolloutEngine, RolloutResult, SamplingParams, sample_next
+from echoink_lite.row_media import load_example
 
 OPTIONS = ["A. Playing the violin", "B. Singing", "C. Playing the piano", "D. Drumming"]
 

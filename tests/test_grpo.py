@@ -11,6 +11,7 @@ from echoink_lite import checkpoints as ckpt
 from echoink_lite.grpo import TrainingError, train
 from echoink_lite.loss import completion_logps, group_advantages, grpo_loss
 from echoink_lite.recipe import recipe_from_dict
+from echoink_lite.resume import load_state, resolve_resume
 from echoink_lite.rewards import accuracy_reward, compute_rewards, format_reward, resolve_rewards
 
 
@@ -102,9 +103,10 @@ def test_only_lora_changes_and_every_lora_parameter_does(tiny_model_dir, synth_d
 
 
 def test_audio_reaches_the_loss_forward(tiny_model_dir, synth_dir, tmp_path):
-    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.data import scan_split
     from echoink_lite.modeling import add_lora, load_processor, load_thinker_from_recipe
     from echoink_lite.prompting import encode_example
+    from echoink_lite.row_media import load_example
     from echoink_lite.thinker_forward import encode_prompts
 
     recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run")
@@ -180,9 +182,9 @@ def test_interrupted_checkpoint_is_ignored(tiny_model_dir, synth_dir, tmp_path):
     (broken / ckpt.MARKER).unlink()
     (out / "checkpoints" / ".tmp-step-000006").mkdir()
     assert ckpt.latest_checkpoint(out) == good
-    assert ckpt.resolve_resume("auto", out) == good
+    assert resolve_resume("auto", out) == good
     with pytest.raises(ckpt.ResumeError, match="marker"):
-        ckpt.load_state(broken)
+        load_state(broken)
 
 
 def test_nonfinite_steps_are_skipped_then_stop_with_weights_saved(tiny_model_dir, synth_dir, tmp_path):

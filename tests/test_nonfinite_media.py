@@ -16,8 +16,11 @@ import soundfile as sf
 from PIL import Image
 from rich.console import Console
 
-from echoink_lite import data
-from echoink_lite.data import EMPTY_IMAGE, MAX_AUDIO_PEAK, NONFINITE_AUDIO, MediaError, check_command, load_example, scan_split
+from echoink_lite import data, row_media
+from echoink_lite.data import EMPTY_IMAGE, NONFINITE_AUDIO, MediaError, scan_split
+from echoink_lite.data_check import check_command
+from echoink_lite.media import MAX_AUDIO_PEAK
+from echoink_lite.row_media import load_example
 
 
 def float_wav(path, samples):
@@ -89,7 +92,7 @@ def test_encoding_refuses_nonfinite_features_whatever_their_cause(tiny_model_dir
 
     processor = load_processor(str(tiny_model_dir))
     row = next(r for r in scan_split(split).rows if r.index == 3)
-    monkeypatch.setattr(data, "audio_sample_problem", lambda samples: None)
+    monkeypatch.setattr(row_media, "audio_sample_problem", lambda samples: None)
     with pytest.raises(RowEncodeError) as err:
         encode_row(processor, row, max_audio_seconds=1.0, max_pixels=256 * 28 * 28)
     assert err.value.reason == NONFINITE_AUDIO and "audio features" in str(err.value) and "row 3" in str(err.value)

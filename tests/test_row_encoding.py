@@ -21,23 +21,25 @@ from echoink_lite.data import (
     AUDIO_TOO_SHORT,
     ENCODE_FAILED,
     IMAGE_ASPECT_RATIO,
-    MAX_IMAGE_ASPECT_RATIO,
-    MIN_AUDIO_SAMPLES,
     PROMPT_TOO_LONG,
     REASONS,
     DataError,
     MediaError,
     RowEncodeError,
-    audio_token_count,
-    capped_image_size,
-    image_limit_problem,
-    load_example,
-    load_image,
     scan_split,
 )
 from echoink_lite.infer import _load_media
+from echoink_lite.media import (
+    MAX_IMAGE_ASPECT_RATIO,
+    MIN_AUDIO_SAMPLES,
+    audio_token_count,
+    capped_image_size,
+    image_limit_problem,
+    load_image,
+)
 from echoink_lite.modeling import load_processor, load_thinker
 from echoink_lite.prompting import PromptTooLongError, collate, encode_example, encode_row, render_prompt
+from echoink_lite.row_media import load_example
 
 CAPS = dict(max_audio_seconds=10.0, max_pixels=256 * 28 * 28)
 

@@ -15,7 +15,6 @@ import time
 
 import pytest
 
-from echoink_lite import checkpoints as ckpt
 from echoink_lite import run_folder
 from echoink_lite.cli import main
 from echoink_lite.grpo import train
@@ -66,7 +65,7 @@ def test_the_lock_holds_pid_and_host_refuses_a_second_holder_and_is_released(tmp
     lock = acquire_run_lock(run, note=pytest.fail)
     info = json.loads((run / LOCK).read_text())
     assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
-    with pytest.raises(ckpt.RunFolderError) as err:
+    with pytest.raises(run_folder.RunFolderError) as err:
         acquire_run_lock(run, note=pytest.fail)
     msg = str(err.value)
     assert "\n" not in msg and f"pid {os.getpid()} on host {socket.gethostname()}" in msg and str(run / LOCK) in msg
@@ -94,7 +93,7 @@ def test_a_stale_lock_on_this_host_is_named_and_taken_over(tmp_path):
 def test_a_lock_from_another_host_is_stale_only_after_its_heartbeat_stops(tmp_path):
     run = tmp_path / "run"
     _write_lock(run, 12345, host="colab-runtime-1")
-    with pytest.raises(ckpt.RunFolderError, match="pid 12345 on host colab-runtime-1"):
+    with pytest.raises(run_folder.RunFolderError, match="pid 12345 on host colab-runtime-1"):
         acquire_run_lock(run, note=pytest.fail)
     old = time.time() - run_folder.STALE_AFTER_S - 60
     os.utime(run / LOCK, (old, old))
@@ -108,7 +107,7 @@ def test_overwrite_moves_the_lock_to_the_new_folder(tmp_path):
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
     lock = acquire_run_lock(run, note=pytest.fail)
-    moved = ckpt.prepare_run_dir(run, resuming=False, overwrite=True, recipe_text="x: 1\n", note=lambda m: None, lock=lock)
+    moved = run_folder.prepare_run_dir(run, resuming=False, overwrite=True, recipe_text="x: 1\n", note=lambda m: None, lock=lock)
     assert not (moved / LOCK).exists() and lock.held()
     assert (run / "recipe.yaml").read_text() == RUN_RECIPE_HEADER + "x: 1\n"
     lock.release()
@@ -152,12 +151,12 @@ def test_an_output_dir_on_a_split_or_the_model_is_refused(tiny_model_dir, synth_
              synth_dir: "contains the training split", valid_split: "is the validation split",
              tiny_model_dir: "is the model folder", tiny_model_dir / "run": "is inside the model folder"}
     for out, relation in cases.items():
-        with pytest.raises(ckpt.RunFolderError) as err:
+        with pytest.raises(run_folder.RunFolderError) as err:
             check_apart_from_inputs(tiny_recipe(tiny_model_dir, synth_dir, out))
         assert f"checkpoint.output_dir {out} {relation}" in str(err.value) and "\n" not in str(err.value)
     check_apart_from_inputs(tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run"))  # beside them: fine
     listed = tiny_recipe(tiny_model_dir, synth_dir, train_split, data__train=str(train_split / "omni_rl_format_train.json"))
-    with pytest.raises(ckpt.RunFolderError, match="is the training split"):
+    with pytest.raises(run_folder.RunFolderError, match="is the training split"):
         check_apart_from_inputs(listed)  # a split named by its list file
 
 

@@ -14,7 +14,8 @@ from PIL import Image
 from rich.console import Console
 
 from echoink_lite.answer_protocol import extract_answer
-from echoink_lite.data import load_audio, load_image, scan_split
+from echoink_lite.data import scan_split
+from echoink_lite.media import load_audio, load_image
 from echoink_lite.synth import (
     SYNTH_CLASSES,
     SYNTH_OPTIONS,

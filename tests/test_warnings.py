@@ -51,9 +51,10 @@ def test_the_collector_sees_a_library_warning_raised_from_a_kit_call(tiny_model_
 
 
 def test_processor_with_pixel_caps_encodes_a_row_without_warnings(tiny_model_dir, synth_dir):
-    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.data import scan_split
     from echoink_lite.modeling import load_processor
     from echoink_lite.prompting import encode_example
+    from echoink_lite.row_media import load_example
 
     row = scan_split(synth_dir / "train").rows[0]
     with no_deprecation_warnings():
@@ -77,10 +78,11 @@ def test_pixel_caps_still_bound_the_visual_tokens(tiny_model_dir):
 
 
 def test_lora_with_checkpointing_and_a_backward_without_warnings(tiny_model_dir, synth_dir):
-    from echoink_lite.data import load_example, scan_split
+    from echoink_lite.data import scan_split
     from echoink_lite.modeling import add_lora, load_processor, load_thinker
     from echoink_lite.prompting import collate, encode_example
     from echoink_lite.recipe import LoraSection
+    from echoink_lite.row_media import load_example
 
     row = scan_split(synth_dir / "train").rows[0]
     with no_deprecation_warnings():
