@@ -248,7 +248,7 @@ class Recipe(_Section):
                               f"rows; lower it to at most {n_train_rows}")
         if n_train_rows is not None:
             # Each epoch is its own permutation cut into steps; its last step takes the prompts left over and is
-            # filled up with the epoch's first ones (as the original's data loader: grpo.data_schedule).
+            # filled up with the epoch's first ones (as the original's data loader: step_data.data_schedule).
             spe = math.ceil(n_train_rows / g.prompts_per_step)
             full, frac = divmod(self.schedule.epochs, 1.0)
             total = int(full) * spe + math.ceil(round(frac * n_train_rows, 6) / g.prompts_per_step)
