@@ -155,7 +155,7 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
     if not dst.all_ok(error is None):
         raise error or TrainingError(f"rank 0 could not prepare the run folder {run_dir}; its message says why")
 
-    # -- model: 4-bit thinker, LoRA on the language model only; optimizer; rollout engine ---------------
+    # -- model: 4-bit thinker, LoRA on the language model only; optimizer; rollout engine (run_setup.py) -
     run = build_run(recipe, dst, rows, schedule, total_steps, processor, console)
     run.counters = dict(state.get("counters") or {})
     for key in ("skipped_rows", "nonfinite_steps", "nonfinite_in_a_row", "warned_no_signal", "zero_reward_steps"):
