@@ -16,7 +16,7 @@ What runs (nothing is downloaded):
 3. `echoink_lite.grpo.train` on that model and data for --steps optimizer steps, every completion forced to
    generation.max_completion_tokens: a random model never stops early on purpose, and to make sure of it
    the benchmark adds `<|im_end|>` to the tokens the rollout suppresses (it swaps
-   `echoink_lite.grpo.multimodal_token_ids` for the duration of the run; grpo.py itself is unchanged).
+   `echoink_lite.run_setup.multimodal_token_ids` for the duration of the run; the kit's code is unchanged).
    The recipe is the file's, except: fewer prompts per step by default (--prompts-per-step auto: the fewest
    prompts that still fill one rollout batch and one micro-batch, so the memory peak is the recipe's; step
    times are scaled back up to the recipe's prompts per step for the projection), no validation, and the
@@ -263,18 +263,18 @@ def paper_length_question(processor, recipe, split: Path, target: int) -> tuple[
 @contextlib.contextmanager
 def force_full_length_completions():
     """Add `<|im_end|>` to the tokens the rollout suppresses, so every completion runs to the budget."""
-    import echoink_lite.grpo as grpo
+    import echoink_lite.run_setup as run_setup
 
-    original = grpo.multimodal_token_ids
+    original = run_setup.multimodal_token_ids
 
     def with_eos(tokenizer):
         return list(original(tokenizer)) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
 
-    grpo.multimodal_token_ids = with_eos
+    run_setup.multimodal_token_ids = with_eos
     try:
         yield
     finally:
-        grpo.multimodal_token_ids = original
+        run_setup.multimodal_token_ids = original
 
 
 def _sync(device: str) -> None:

@@ -41,8 +41,7 @@ from typing import Any
 
 import torch
 
-# set_rng_state is not used here: grpo restores a step's RNG states through this module (`ckpt.set_rng_state`).
-from .state_files import LEGACY_SUFFIX, rng_state, save_tree, set_rng_state, state_file  # noqa: F401
+from .state_files import LEGACY_SUFFIX, rng_state, save_tree, state_file
 
 MARKER = "COMPLETE"
 MANIFEST_FORMAT = 1

@@ -139,7 +139,7 @@ def cmd_recipes_validate(args) -> int:
 def cmd_recipes_explain(args) -> int:
     """Every recipe key with its default, its TRL GRPOConfig counterpart and what it does. Names and defaults
     are never cut: only the text wraps, to the terminal's width."""
-    from .recipe import explain
+    from .recipe_reference import explain
 
     width = max(60, shutil.get_terminal_size((100, 24)).columns)
     section = None

@@ -1,9 +1,10 @@
 """GRPO on audio + image prompts with QLoRA: the training recipe, read top to bottom.
 
-`train` = setup (data, resume checks, model, optimizer, rollout engine) -> a loop of `grpo_step` -> save.
+`train` = setup (data, resume checks; model, optimizer, rollout engine: run_setup.py) -> a loop of
+`grpo_step` -> save.
 One optimizer step (the paper's algorithm: EchoInk-R1, built on R1-V's GRPO trainer):
-  1. prompts: `prompts_per_step` rows in the saved data order (each process takes every world_size-th one);
-     the frozen audio and vision towers run once per prompt (`thinker_forward.encode_prompts`);
+  1. prompts: `prompts_per_step` rows in the saved data order (step_data.py; each process takes every
+     world_size-th one); the frozen audio and vision towers run once per prompt (`thinker_forward.encode_prompts`);
   2. rollout: `group_size` completions per prompt, sampled by the rollout engine (rollout.py: one prefill
      per prompt, static KV cache, sampling on the device, CUDA graph where it works);
   3. rewards (accuracy + format by default) and group advantages (r - mean) / (std + eps);
@@ -12,7 +13,8 @@ One optimizer step (the paper's algorithm: EchoInk-R1, built on R1-V's GRPO trai
      adapters disabled (beta > 0 only); loss = -(exp(logp - logp.detach()) * A) + beta * k3-KL, averaged per
      sequence then over the step; backward;
   5. gradients all-reduced over processes, clipped, AdamW + scheduler step. One update per rollout, so no
-     ratio clipping is needed (the ratio is exactly 1 in value; its gradient is the policy gradient).
+     ratio clipping is needed (the ratio is exactly 1 in value; its gradient is the policy gradient);
+  6. metrics of the step, summed over processes (step_metrics.py).
 
 Beyond the paper, with TRL 1.16's names (grpo_options.py, loss_variants.py): other loss types and
 sequence-level ratios (GSPO); advantages scaled by the batch's std or not at all; truncated completions
@@ -31,73 +33,39 @@ kit owns this loop and tests it directly.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoints as ckpt
 from . import run_folder
 from .console import make_console, print_plan, print_step, warn_on_metrics
-from .data import Row, RowEncodeError, enforce_bad_fraction, scan_split
+from .data import Row, enforce_bad_fraction, scan_split
 from .distributed import Dist, setup_dist
 from .grpo_options import skips_zero_advantage
-from .loss_pass import backward_pass, pass_metrics, pass_sums, plan_micro_batches, rollout_logps
-from .loss_variants import LossSpec, advantages, step_normaliser, truncated
+from .loss_pass import backward_pass, plan_micro_batches, rollout_logps
+from .loss_variants import advantages, step_normaliser, truncated
 from .metrics import MetricsWriter, plot_run
-from .modeling import add_lora, load_processor, load_thinker_from_recipe, multimodal_token_ids, torch_dtype
+from .modeling import load_processor
 from .preflight import check_memory_fits, host_memory_problem, preflight_longest_prompts
 from .progress import live_display, phase_progress
-from .prompting import Encoded, PromptTooLongError, encode_row
+from .prompting import PromptTooLongError
 from .recipe import Recipe
 from .resume import load_training_state, resume_point, resume_requested
-from .rewards import compute_rewards, resolve_rewards
-from .rollout import RolloutEngine, SamplingParams
-from .row_skips import SkipBudget, no_prompt_left, nonfinite_rows_note
-from .thinker_forward import disable_hf_checkpointing, encode_prompts
-
-
-class TrainingError(RuntimeError):
-    """A run that had to stop; the message says where and which knobs to turn. Checkpoints are kept."""
-
-
-class RowsSkippedError(TrainingError):
-    """Too many rows of the run could not be loaded, or a step has no prompt left (row_skips.py)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Data order: one seeded permutation per epoch, cut into steps; saved in every checkpoint
-# ---------------------------------------------------------------------------------------------------
-def data_schedule(n_rows: int, prompts_per_step: int, total_steps: int, seed: int) -> list[list[int]]:
-    """Row indices of each step. Epoch e is permutation(seed + e), cut into steps of `prompts_per_step`. Its
-    last step holds the prompts left over, filled up with the epoch's first prompts, as the original's data
-    loader does: 4,490 prompts on 8 processes give 561 full steps and a 562nd of 2 new prompts plus the
-    epoch's first 6 again (HF Trainer's dataloader sharded by accelerate, whose `even_batches`, on by default,
-    cycles back to the first indices: accelerate/data_loader.py, BatchSamplerShard._iter_with_no_split)."""
-    steps: list[list[int]] = []
-    epoch = 0
-    while len(steps) < total_steps:
-        perm = np.random.default_rng(seed + epoch).permutation(n_rows).tolist()
-        for s in range(0, n_rows, prompts_per_step):
-            step = perm[s: s + prompts_per_step]
-            while len(step) < prompts_per_step:
-                step += perm[: prompts_per_step - len(step)]
-            steps.append(step)
-        epoch += 1
-    return steps[:total_steps]
-
-
-def rows_fingerprint(rows: list[Row]) -> str:
-    ids = json.dumps([[str(r.problem_id), r.answer] for r in rows])
-    return hashlib.sha256(ids.encode()).hexdigest()[:16]
+from .rewards import compute_rewards
+from .row_skips import SkipBudget, nonfinite_rows_note
+from .run_setup import Run, build_run, engine_label
+from .step_data import data_schedule, rows_fingerprint, saved_schedule, step_prompts
+from .state_files import rng_state, set_rng_state
+from .step_metrics import step_metrics
+from .thinker_forward import encode_prompts
+from .training_errors import RowsSkippedError, TrainingError
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,28 +79,6 @@ class TrainResult:
     last_metrics: dict[str, Any]
     skipped_rows: int
     model: Any = None  # the trained PeftModel (for notebooks and tests)
-
-
-@dataclass
-class Run:
-    """Everything a step needs, built once by `train`."""
-
-    recipe: Recipe
-    dst: Dist
-    rows: list[Row]
-    schedule: list[list[int]]
-    processor: Any
-    model: Any
-    engine: RolloutEngine
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    params: list[torch.nn.Parameter]
-    rewards: list
-    float_dtype: torch.dtype
-    console: Any
-    spec: LossSpec
-    counters: dict[str, Any] = field(default_factory=dict)
-    skip_budget: SkipBudget | None = None  # when skipped rows stop the run (row_skips.py)
 
 
 def train(recipe: Recipe, resume: str | None = None, console=None, force: bool = False, overwrite: bool = False) -> TrainResult:
@@ -180,11 +126,11 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
     fingerprint = rows_fingerprint(rows)
     resume_from, state = resume_point(run_dir, resume, recipe, fingerprint, dst.world, warn=note, rank=dst.rank)
     start_step = state.get("step", 0)
-    schedule = _saved_schedule(state, recipe) or data_schedule(len(rows), recipe.grpo.prompts_per_step, total_steps,
-                                                                recipe.schedule.seed)
+    schedule = saved_schedule(state, recipe) or data_schedule(len(rows), recipe.grpo.prompts_per_step, total_steps,
+                                                               recipe.schedule.seed)
     if dst.main:
         print_plan(console, recipe, derived, run_dir, start_step, len(scan.rejects), scan.total,
-                   engine=_engine_label(recipe, dst))
+                   engine=engine_label(recipe, dst))
     check_memory_fits(recipe, dst.device, force, console, TrainingError)
     processor = load_processor(recipe.model.name_or_path, recipe.model.revision, max_pixels=recipe.data.max_pixels)
     try:
@@ -211,8 +157,8 @@ def _train_locked(recipe: Recipe, resume: str | None, console, force: bool, over
     if not dst.all_ok(error is None):
         raise error or TrainingError(f"rank 0 could not prepare the run folder {run_dir}; its message says why")
 
-    # -- model: 4-bit thinker, LoRA on the language model only; optimizer; rollout engine ---------------
-    run = _build_run(recipe, dst, rows, schedule, total_steps, processor, console)
+    # -- model: 4-bit thinker, LoRA on the language model only; optimizer; rollout engine (run_setup.py) -
+    run = build_run(recipe, dst, rows, schedule, total_steps, processor, console)
     run.counters = dict(state.get("counters") or {})
     for key in ("skipped_rows", "nonfinite_steps", "nonfinite_in_a_row", "warned_no_signal", "zero_reward_steps"):
         run.counters.setdefault(key, 0)
@@ -307,7 +253,6 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     total_r, per_name = compute_rewards(run.rewards, texts, **columns) if texts else ([], {n: [] for n, _, _ in run.rewards})
     rewards = torch.tensor(total_r, dtype=torch.float32)
     adv, std = _advantages(run, rewards)
-    lengths = torch.tensor([c.numel() for c in comps], dtype=torch.float32)
     masked = (truncated(comps, run.engine.params.eos_id) if g.mask_truncated_completions
               else torch.zeros(len(comps), dtype=torch.bool))  # completions that get no loss
 
@@ -334,84 +279,14 @@ def grpo_step(run: Run, step: int) -> dict[str, Any]:
     _count_nonfinite(run, any(u["skipped_step"] for u, _ in updates), rows)
     t_loss = time.time() - t_loss
 
-    # metrics summed over processes
-    names = list(per_name)
-    local = torch.tensor(
-        [sum(per_name[n]) for n in names]
-        + [float(rewards.sum()), float(len(comps)), float((std < 1e-8).sum()) if len(std) else 0.0, float(len(std)),
-           float(lengths.sum()), float(roll.tokens if roll else 0), roll.seconds if roll else 0.0]
-        + pass_sums(mbs, len(prompts), [p for _, p in updates], masked),
-        dtype=torch.float64,
-    )
-    tot = dst.sum_(local).tolist()
-    k = len(names)
-    n = max(1.0, tot[k + 1])
-    metrics: dict[str, Any] = {f"reward/{nm}": tot[i] / n for i, nm in enumerate(names)}
-    metrics.update(
-        reward=tot[k] / n,
-        accuracy=metrics.get("reward/accuracy"),
-        format_rate=metrics.get("reward/format"),
-        zero_std_fraction=tot[k + 2] / max(1.0, tot[k + 3]),  # groups whose completions all got the same reward
-        completion_length=tot[k + 4] / n,
-        **_update_metrics(updates),
-        rollout_tokens_per_s=tot[k + 5] / max(1e-9, tot[k + 6] / dst.world),  # tokens over mean rollout time
-        step_time_s=time.time() - t0,
-        rollout_time_s=roll.seconds if roll else 0.0,
-        train_time_s=t_loss,
-        rollout_path=roll.path if roll else None,
-        skipped_rows=run.counters["skipped_rows"],
-        **pass_metrics(tot[k + 7:], run.counters, g),  # kl, the skipped groups and tokens, clipping
-    )
-    metrics.update(_peak_memory(dst.device))
-    if recipe.logging.log_completions_every and (step + 1) % recipe.logging.log_completions_every == 0 and texts:
-        metrics["sample_completion"] = texts[0][:500]
-    return metrics
+    # 6. metrics, summed over processes (step_metrics.py)
+    return step_metrics(run, step, per_name=per_name, rewards=rewards, std=std, comps=comps, texts=texts, roll=roll,
+                        n_prompts=len(prompts), mbs=mbs, updates=updates, masked=masked, t0=t0, t_loss=t_loss)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Step parts
 # ---------------------------------------------------------------------------------------------------
-def step_prompts(run: Run, step: int) -> tuple[list[Row], list[Encoded]]:
-    """This process's rows of `step`, loaded and encoded. A row that fails (unreadable or unencodable media,
-    a prompt over the cap) is skipped with a one-line warning, counted, remembered, and replaced by the next
-    usable row of the data order, so every step keeps its number of prompts. All processes decide the same
-    replacements, then each takes every world_size-th prompt."""
-    recipe, dst = run.recipe, run.dst
-    wanted = run.schedule[step]
-    later = [i for s in run.schedule[step + 1:] + run.schedule[:step] for i in s]  # replacements, in data order
-    bad = set(run.counters["bad_rows"])
-    chosen: list[tuple[Row, Encoded]] = []
-    seen: set[int] = set()
-    for i in wanted + later:
-        if len(chosen) == len(wanted):
-            break
-        if i in seen or i in bad:
-            continue
-        seen.add(i)
-        row = run.rows[i]
-        try:
-            chosen.append((row, encode_row(run.processor, row, max_audio_seconds=recipe.data.max_audio_seconds,
-                                           max_pixels=recipe.data.max_pixels,
-                                           max_prompt_tokens=recipe.generation.max_prompt_tokens)))
-        except RowEncodeError as err:
-            bad.add(i)
-            run.counters["bad_rows"].append(i)
-            run.counters["skipped_rows"] += 1
-            reasons = run.counters.setdefault("skip_reasons", {})
-            reasons[err.reason] = reasons.get(err.reason, 0) + 1
-            if dst.main:
-                run.console.print(f"step {step + 1}: skipped ({err.reason}), replaced by the next row of the data "
-                                  f"order: {err}", style="yellow", highlight=False, markup=False)
-            problem = run.skip_budget and run.skip_budget.problem(run.counters["skipped_rows"], reasons)
-            if problem:  # all processes skip the same rows, so all stop here together
-                raise RowsSkippedError(f"step {step + 1}: {problem}")
-    if not chosen:
-        raise RowsSkippedError(f"step {step + 1}: " + no_prompt_left(run.counters["skipped_rows"],
-                                                                      run.counters.get("skip_reasons", {}), recipe.data.train))
-    mine = chosen[dst.rank:: dst.world]
-    return [r for r, _ in mine], [e for _, e in mine]
-
-
 def _update(run: Run, loss_sum: float) -> dict[str, Any]:
     """All-reduce gradients, clip, optimizer and scheduler step; a non-finite step is skipped."""
     dst, params = run.dst, run.params
@@ -447,18 +322,6 @@ def _count_nonfinite(run: Run, nonfinite: bool, rows: list[Row]) -> None:
         run.counters["nonfinite_rows"] = []
 
 
-def _update_metrics(updates: list) -> dict[str, Any]:
-    """loss, grad_norm, lr and skipped_step of the step; with several updates per rollout, the mean loss and
-    gradient norm, the first update's learning rate, and each update's own values under `updates`."""
-    first = updates[0][0]
-    if len(updates) == 1:
-        return first
-    losses, norms = [u["loss"] for u, _ in updates], [u["grad_norm"] for u, _ in updates]
-    return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), "lr": first["lr"],
-            "skipped_step": any(u["skipped_step"] for u, _ in updates),
-            "updates": [{"loss": u["loss"], "grad_norm": u["grad_norm"], "lr": u["lr"]} for u, _ in updates]}
-
-
 def _advantages(run: Run, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, per-group std) with grpo.scale_rewards; 'batch' takes the std of every process's rewards."""
     g = run.recipe.grpo
@@ -468,28 +331,19 @@ def _advantages(run: Run, rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return advantages(rewards, g.group_size, g.scale_rewards, g.advantage_eps, everyone)
 
 
-def _peak_memory(device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {"peak_gpu_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_gpu_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
-    import resource
-
-    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-
-
 def _guarded_step(run: Run, step: int, saver: ckpt.Saver) -> dict[str, Any]:
     """`grpo_step`, turning a GPU out-of-memory into a TrainingError that keeps the finished steps."""
-    rng_at_step_start = ckpt.rng_state()
+    rng_at_step_start = rng_state()
     try:
         return grpo_step(run, step)
     except RowsSkippedError as err:
-        ckpt.set_rng_state(rng_at_step_start)
+        set_rng_state(rng_at_step_start)
         saver.save_if_new(step)
         kept = f"The {step} finished steps are saved." if step else "No step had finished; nothing was saved."
         raise RowsSkippedError(f"{err}. {kept}") from None
     except torch.cuda.OutOfMemoryError as err:
         run.optimizer.zero_grad(set_to_none=True)
-        ckpt.set_rng_state(rng_at_step_start)
+        set_rng_state(rng_at_step_start)
         saver.save_if_new(step)
         g, gen = run.recipe.grpo, run.recipe.generation
         ids = [str(run.rows[i].problem_id) for i in run.schedule[step]]
@@ -502,50 +356,3 @@ def _guarded_step(run: Run, step: int, saver: ckpt.Saver) -> dict[str, Any]:
             "`echoink-lite plan RECIPE` estimates the effect."
         ) from None
 
-
-# ---------------------------------------------------------------------------------------------------
-# Setup, resume and saving
-# ---------------------------------------------------------------------------------------------------
-def _engine_label(recipe: Recipe, dst: Dist) -> str:
-    if dst.device.type != "cuda":
-        return "eager decode (CPU)"
-    return "CUDA-graph decode" if recipe.generation.cuda_graph else "eager decode (generation.cuda_graph=false)"
-
-
-def _build_run(recipe: Recipe, dst: Dist, rows, schedule, total_steps: int, processor, console) -> Run:
-    torch.manual_seed(recipe.schedule.seed)
-    tok = processor.tokenizer
-    base = load_thinker_from_recipe(recipe, device=dst.device)
-    # The loss pass checkpoints each decoder layer itself (loss.py); transformers' checkpointing stays off.
-    model = add_lora(base, recipe.lora, gradient_checkpointing=False, seed=recipe.schedule.seed)
-    disable_hf_checkpointing(model)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    s = recipe.schedule
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.weight_decay)
-    from transformers import get_scheduler
-
-    # With num_iterations (mu) > 1 each step makes mu optimizer updates; the schedule runs over the updates (as
-    # TRL's, whose steps are updates), warm-up included: schedule.warmup_steps and the step count stay in steps.
-    mu = recipe.grpo.num_iterations
-    scheduler = get_scheduler(s.lr_scheduler, optimizer, num_warmup_steps=s.warmup_steps * mu,
-                              num_training_steps=total_steps * mu)
-    gen = recipe.generation
-    sampling = SamplingParams(
-        max_new_tokens=gen.max_completion_tokens, eos_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_id=tok.pad_token_id,
-        do_sample=True, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-        suppress_ids=tuple(multimodal_token_ids(tok)),
-    )
-    engine = RolloutEngine(model, sampling, batch_size=recipe.grpo.rollout_batch_size, cuda_graph=gen.cuda_graph)
-    return Run(recipe=recipe, dst=dst, rows=rows, schedule=schedule, processor=processor, model=model, engine=engine,
-               optimizer=optimizer, scheduler=scheduler, params=params, rewards=resolve_rewards(recipe.grpo.rewards),
-               float_dtype=torch_dtype(recipe.model.dtype), console=console, spec=LossSpec.from_recipe(recipe))
-
-
-def _saved_schedule(state: dict, recipe: Recipe) -> list[list[int]] | None:
-    if "data_schedule" in state:
-        return state["data_schedule"]
-    if "data_order" in state:  # checkpoints written before per-epoch steps: a flat order, full steps
-        order, n = state["data_order"], recipe.grpo.prompts_per_step
-        return [order[s: s + n] for s in range(0, len(order), n)]
-    return None

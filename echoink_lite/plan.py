@@ -1,7 +1,8 @@
 """`echoink-lite plan`: print a recipe's peak GPU memory estimate, whether it fits, and what to turn if not.
 
-The planner is three modules:
-- memory_estimate.py: the estimate itself (model sizes without the network, the formula, `estimate_memory`);
+The planner is four modules:
+- thinker_sizes.py: the model's sizes without the network (its config, `Dims`, parameter counts);
+- memory_estimate.py: the estimate itself (the formula, `estimate_memory`);
 - memory_suggestions.py: the knobs tried when a recipe does not fit, and the search over them;
 - plan.py (this one): the `plan` command's output, and the check `train` runs before loading the model.
 The names scripts and notebooks use are importable from here too (`from echoink_lite.plan import
@@ -24,14 +25,16 @@ from typing import Any
 
 from . import memory_estimate as _estimate
 from .memory_estimate import (
-    ALLOCATOR_RESERVE_FRACTION, COMPONENT_LABELS, DEFAULT_GPU_GIB, DEFAULT_HEADROOM, DEFAULT_TEXT_TOKENS, GIB, Dims,
-    MemoryEstimate, PlanError, Terms, bundled_thinker_config, count_parameters, detected_gpu_memory_gib,
-    find_group, largest_member, load_thinker_config, lora_parameter_count, nf4_bits_per_param,
+    ALLOCATOR_RESERVE_FRACTION, COMPONENT_LABELS, DEFAULT_GPU_GIB, DEFAULT_HEADROOM, DEFAULT_TEXT_TOKENS, GIB,
+    MemoryEstimate, Terms, detected_gpu_memory_gib, find_group, largest_member, nf4_bits_per_param,
     prompt_token_estimate, term_size,
 )
 from .memory_suggestions import Suggestion, suggest_changes
 from .recipe import Recipe, RecipeError, load_recipe
 from .recipe_bounds import CONTEXT_TOKENS
+from .thinker_sizes import (
+    Dims, PlanError, bundled_thinker_config, count_parameters, load_thinker_config, lora_parameter_count,
+)
 
 # AVQA-R1-6K's train split (harryhsing/AVQA-R1-6K, omni_rl_format_train.json) has 4,490 items; the EchoInk-R1
 # paper (arXiv 2505.04623) trains one epoch of them, 8 prompts per step: 562 steps.

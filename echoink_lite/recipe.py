@@ -5,9 +5,9 @@ micro-batches, completions per step and the number of steps are derived (see `Re
 nobody has to solve the batch-size / num_generations divisibility puzzle by hand.
 
 Why pydantic: unknown keys are errors (a typo in a key must not silently fall back to a default), every
-field carries a one-line description that `echoink-lite recipes explain` prints, and checks that involve
-several fields live next to the fields. Fields are strict: `lora.r: true` or `lora.r: "16"` is an error, not
-r=1 or r=16 (an int is still a float). Recipes are read with PyYAML's safe loader only, made strict
+field carries a one-line description that `echoink-lite recipes explain` prints (recipe_reference.py), and
+checks that involve several fields live next to the fields. Fields are strict: `lora.r: true` or `lora.r: "16"`
+is an error, not r=1 or r=16 (an int is still a float). Recipes are read with PyYAML's safe loader only, made strict
 (strict_yaml.py: a repeated key is an error naming both lines; `1e-6` is a number).
 """
 
@@ -28,6 +28,7 @@ from .grpo_options import canonical_loss_type, math_keys, upgrade_saved_math, va
 from . import strict_yaml
 from .attention import refusal as attention_refusal
 from .recipe_bounds import bound_problems
+from .rewards import reward_problem
 
 
 class RecipeError(ValueError):
@@ -248,7 +249,7 @@ class Recipe(_Section):
                               f"rows; lower it to at most {n_train_rows}")
         if n_train_rows is not None:
             # Each epoch is its own permutation cut into steps; its last step takes the prompts left over and is
-            # filled up with the epoch's first ones (as the original's data loader: grpo.data_schedule).
+            # filled up with the epoch's first ones (as the original's data loader: step_data.data_schedule).
             spe = math.ceil(n_train_rows / g.prompts_per_step)
             full, frac = divmod(self.schedule.epochs, 1.0)
             total = int(full) * spe + math.ceil(round(frac * n_train_rows, 6) / g.prompts_per_step)
@@ -288,31 +289,6 @@ class Recipe(_Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def reward_problem(name: str) -> str | None:
-    """Why a reward name cannot be used in a run, or None when it resolves to a callable.
-
-    Checked when the recipe is validated, so a typo fails in `recipes validate` and before the model loads,
-    not after minutes of loading. A user's own reward is imported here, as training would import it.
-    """
-    from .rewards import BUILTIN_REWARDS, RewardError, resolve_reward
-
-    if name in BUILTIN_REWARDS:
-        return None
-    builtins = ", ".join(BUILTIN_REWARDS)
-    if ":" not in name and "." not in name:
-        close = difflib.get_close_matches(name, list(BUILTIN_REWARDS), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return (f"unknown reward '{name}'{hint}; the built-ins are {builtins}, "
-                "and a reward of your own is written 'package.module:function'")
-    try:
-        resolve_reward(name)
-    except RewardError as err:
-        return " ".join(str(err).split())
-    except Exception as err:  # the user's module raised while importing (a SyntaxError, a failing import)
-        return f"importing reward '{name}' failed: {type(err).__name__}: {' '.join(str(err).split())}; fix that module"
-    return None
 
 
 def _is_non_math(key: str) -> bool:
@@ -476,100 +452,3 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None, che
         source = str(path)
     data = apply_overrides(data, overrides or [])
     return recipe_from_dict(data, source, check_rewards=check_rewards)
-
-
-# ---- the recipe reference ------------------------------------------------------------------------
-# Each key's counterpart in TRL's `GRPOConfig` (trl 1.16, the version pinned in pyproject.toml), for people
-# who know that trainer: (GRPOConfig fields named, text shown by `recipes explain` and in the README).
-# Keys without a GRPOConfig field say "none" and, where one exists, where TRL takes the setting instead.
-# tests/test_recipe.py checks every key is listed and every named field exists in the installed GRPOConfig.
-_NONE = ()
-TRL_GRPO_CONFIG: dict[str, tuple[tuple[str, ...], str]] = {
-    "description": (_NONE, "none"),
-    "model.name_or_path": (_NONE, "none; GRPOTrainer(model=...)"),
-    "model.revision": (("model_init_kwargs",), 'model_init_kwargs["revision"]'),
-    "model.dtype": (("bf16", "fp16", "model_init_kwargs"), 'bf16 / fp16, model_init_kwargs["dtype"]'),
-    "model.attn_implementation": (("model_init_kwargs",), 'model_init_kwargs["attn_implementation"]'),
-    "model.gradient_checkpointing": (("gradient_checkpointing",), "gradient_checkpointing"),
-    "quantization.load_in_4bit": (_NONE, "none; GRPOTrainer(quantization_config=BitsAndBytesConfig(load_in_4bit=True))"),
-    "quantization.quant_type": (_NONE, "none; BitsAndBytesConfig(bnb_4bit_quant_type=...)"),
-    "quantization.double_quant": (_NONE, "none; BitsAndBytesConfig(bnb_4bit_use_double_quant=...)"),
-    "quantization.quantize_audio_tower": (_NONE, "none; BitsAndBytesConfig(llm_int8_skip_modules=[...])"),
-    "quantization.quantize_vision_tower": (_NONE, "none; BitsAndBytesConfig(llm_int8_skip_modules=[...])"),
-    "quantization.quantize_lm_head": (_NONE, "none; BitsAndBytesConfig(llm_int8_skip_modules=[...])"),
-    "lora.r": (_NONE, "none; GRPOTrainer(peft_config=LoraConfig(r=...))"),
-    "lora.alpha": (_NONE, "none; LoraConfig(lora_alpha=...)"),
-    "lora.dropout": (_NONE, "none; LoraConfig(lora_dropout=...)"),
-    "lora.target_modules": (_NONE, "none; LoraConfig(target_modules=...)"),
-    "data.train": (_NONE, "none; GRPOTrainer(train_dataset=...)"),
-    "data.valid": (_NONE, "none; GRPOTrainer(eval_dataset=...)"),
-    "data.max_audio_seconds": (_NONE, "none"),
-    "data.max_pixels": (_NONE, "none; the processor's image max_pixels"),
-    "data.max_bad_fraction": (_NONE, "none"),
-    "data.limit_train_rows": (_NONE, "none"),
-    "data.limit_valid_rows": (_NONE, "none"),
-    "grpo.prompts_per_step": (
-        ("per_device_train_batch_size", "gradient_accumulation_steps", "num_generations"),
-        "none; per_device_train_batch_size x processes x gradient_accumulation_steps / num_generations",
-    ),
-    "grpo.group_size": (("num_generations",), "num_generations"),
-    "grpo.micro_batch_size": (("per_device_train_batch_size",), "per_device_train_batch_size"),
-    "grpo.rollout_batch_size": (("generation_batch_size",),
-                                "none; generation_batch_size also spreads one generation over several steps"),
-    "grpo.beta": (("beta",), "beta (TRL's default is 0.0)"),
-    "grpo.loss_type": (("loss_type",), "loss_type (TRL's default is 'dapo'); the aliases sequence = 'grpo', token = 'dapo'"),
-    "grpo.importance_sampling_level": (("importance_sampling_level",), "importance_sampling_level (default 'token' in both)"),
-    "grpo.num_iterations": (("num_iterations",), "num_iterations (default 1 in both)"),
-    "grpo.epsilon": (("epsilon",), "epsilon (default 0.2 in both)"),
-    "grpo.epsilon_high": (("epsilon_high",), "epsilon_high (default None = epsilon in both)"),
-    "grpo.sapo_temperature_pos": (("sapo_temperature_pos",), "sapo_temperature_pos (default 1.0 in both)"),
-    "grpo.sapo_temperature_neg": (("sapo_temperature_neg",), "sapo_temperature_neg (default 1.05 in both)"),
-    "grpo.scale_rewards": (("scale_rewards",), "scale_rewards (default 'group' in both)"),
-    "grpo.advantage_eps": (("scale_rewards",), "none; TRL adds a fixed 1e-4 to the std (scale_rewards 'group' or 'batch')"),
-    "grpo.mask_truncated_completions": (("mask_truncated_completions",), "mask_truncated_completions (default False in both)"),
-    "grpo.skip_zero_advantage_groups": (_NONE, "none; TRL runs the loss pass of every group"),
-    "grpo.rewards": (("reward_weights",), "GRPOTrainer(reward_funcs=...) with reward_weights"),
-    "grpo.logprob_chunk_tokens": (_NONE, "none"),
-    "grpo.max_nonfinite_steps": (_NONE, "none"),
-    "generation.max_prompt_tokens": (_NONE, "none (TRL 1.16 has no max_prompt_length)"),
-    "generation.max_completion_tokens": (("max_completion_length",), "max_completion_length"),
-    "generation.temperature": (("temperature",), "temperature"),
-    "generation.top_p": (("top_p",), "top_p (TRL's default is 1.0)"),
-    "generation.top_k": (("top_k",), "top_k (TRL's default is 0)"),
-    "generation.cuda_graph": (_NONE, "none (TRL generates with transformers' generate or vLLM)"),
-    "schedule.learning_rate": (("learning_rate",), "learning_rate"),
-    "schedule.lr_scheduler": (("lr_scheduler_type",), "lr_scheduler_type"),
-    "schedule.warmup_steps": (("warmup_steps",), "warmup_steps (TRL counts updates: ours x num_iterations)"),
-    "schedule.weight_decay": (("weight_decay",), "weight_decay"),
-    "schedule.adam_beta1": (("adam_beta1",), "adam_beta1"),
-    "schedule.adam_beta2": (("adam_beta2",), "adam_beta2"),
-    "schedule.max_grad_norm": (("max_grad_norm",), "max_grad_norm"),
-    "schedule.epochs": (("num_train_epochs",), "num_train_epochs"),
-    "schedule.max_steps": (("max_steps",), "max_steps (TRL counts updates: ours x num_iterations)"),
-    "schedule.seed": (("seed",), "seed"),
-    "checkpoint.output_dir": (("output_dir",), "output_dir"),
-    "checkpoint.save_every_steps": (("save_steps",), "save_steps"),
-    "checkpoint.save_every_minutes": (_NONE, "none"),
-    "checkpoint.keep_last": (("save_total_limit",), "save_total_limit"),
-    "logging.run_name": (("run_name",), "run_name"),
-    "logging.report_to": (("report_to",), "report_to"),
-    "logging.log_completions_every": (("log_completions", "logging_steps"), "log_completions with logging_steps"),
-    "logging.progress": (("disable_tqdm",), "disable_tqdm (inverted)"),
-}
-
-
-def explain() -> list[tuple[str, str, str, str]]:
-    """(field, default, TRL GRPOConfig equivalent, description) for every field: the recipe reference."""
-    rows = []
-
-    def walk(model: type[BaseModel], inst: BaseModel, prefix: str) -> None:
-        for name, info in model.model_fields.items():
-            val = getattr(inst, name)
-            if isinstance(val, BaseModel):
-                walk(type(val), val, f"{prefix}{name}.")
-            else:
-                key = f"{prefix}{name}"
-                rows.append((key, json.dumps(val), TRL_GRPO_CONFIG.get(key, (_NONE, "none"))[1], info.description or ""))
-
-    walk(Recipe, Recipe(), "")
-    return rows

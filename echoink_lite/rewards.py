@@ -11,11 +11,13 @@ Built-ins reproduce EchoInk-R1's `accuracy_reward` and `format_reward` (HarryHsi
 src/r1-v/src/open_r1/grpo.py, the "multiple choice" case): accuracy compares the text inside
 `<answer>...</answer>` of the completion and of the solution; format requires the stripped completion to be
 `<think>...</think><answer>...</answer>` and nothing else. Both read the reply through `answer_protocol`,
-the one definition shared with evaluation and inference.
+the one definition shared with evaluation and inference. `reward_problem` says why a name cannot be used;
+validating a recipe calls it, so a typo fails before the model loads.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Callable
 
@@ -71,6 +73,29 @@ def resolve_reward(name: str) -> RewardFn:
     if not callable(fn):
         raise RewardError(f"reward '{name}' is not callable")
     return fn
+
+
+def reward_problem(name: str) -> str | None:
+    """Why a reward name cannot be used in a run, or None when it resolves to a callable.
+
+    Checked when the recipe is validated, so a typo fails in `recipes validate` and before the model loads,
+    not after minutes of loading. A user's own reward is imported here, as training would import it.
+    """
+    if name in BUILTIN_REWARDS:
+        return None
+    builtins = ", ".join(BUILTIN_REWARDS)
+    if ":" not in name and "." not in name:
+        close = difflib.get_close_matches(name, list(BUILTIN_REWARDS), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return (f"unknown reward '{name}'{hint}; the built-ins are {builtins}, "
+                "and a reward of your own is written 'package.module:function'")
+    try:
+        resolve_reward(name)
+    except RewardError as err:
+        return " ".join(str(err).split())
+    except Exception as err:  # the user's module raised while importing (a SyntaxError, a failing import)
+        return f"importing reward '{name}' failed: {type(err).__name__}: {' '.join(str(err).split())}; fix that module"
+    return None
 
 
 def resolve_rewards(spec: dict[str, float]) -> list[tuple[str, RewardFn, float]]:

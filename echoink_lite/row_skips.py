@@ -1,9 +1,9 @@
 """When rows skipped during training must stop the run, and what to say when steps go non-finite.
 
 A row that passes the scan before training can still fail when the loop loads and encodes it (media that
-decode badly or to NaN, a prompt over the cap); `grpo.step_prompts` skips it, counts it and takes the next
-row of the data order. Two situations turn that into a run that trains on nothing, or on far less than the
-data, while reporting success. Both stop the run with a `TrainingError`:
+decode badly or to NaN, a prompt over the cap); `step_data.step_prompts` skips it, counts it and takes the
+next row of the data order. Two situations turn that into a run that trains on nothing, or on far less than
+the data, while reporting success. Both stop the run with a `TrainingError`:
 
 1. a step with no prompt left: every row it could take was skipped;
 2. more unusable rows than `data.max_bad_fraction` allows. The share is counted as `data.enforce_bad_fraction`

@@ -27,15 +27,15 @@ def _bench():
 def tiny_report(tmp_path_factory):
     import torch
 
-    import echoink_lite.grpo as grpo
+    import echoink_lite.run_setup as run_setup
 
     bench = _bench()
     tmp = tmp_path_factory.mktemp("bench")
-    eos_hook = grpo.multimodal_token_ids
+    eos_hook = run_setup.multimodal_token_ids
     out = tmp / "tiny.json"
     rc = bench.main(["--tiny", "--steps", "1", "--baselines", "--recipe", str(ROOT / "recipes" / "paper_24gb.yaml"),
                      "--out", str(out), "--workdir", str(tmp / "work")])
-    assert grpo.multimodal_token_ids is eos_hook  # the measurement hooks are undone
+    assert run_setup.multimodal_token_ids is eos_hook  # the measurement hooks are undone
     step = torch.optim.AdamW.step
     while step is not None:  # torch wraps the step of every optimizer class it builds; ours must be gone
         assert not getattr(step, "echoink_bench_timer", False)

@@ -79,7 +79,7 @@ def test_every_argument_has_help():
 
 
 def test_recipes_explain_wraps_text_never_names_and_shows_trl_names(capsys, monkeypatch):
-    from echoink_lite.recipe import explain
+    from echoink_lite.recipe_reference import explain
 
     monkeypatch.setenv("COLUMNS", "80")
     assert main(["recipes", "explain"]) == 0

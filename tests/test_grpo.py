@@ -239,7 +239,7 @@ def test_out_of_memory_names_step_rows_and_knobs_and_keeps_finished_steps(tiny_m
 def test_the_last_step_of_an_epoch_is_filled_with_the_epochs_first_prompts_as_the_original():
     import numpy as np
 
-    from echoink_lite.grpo import data_schedule
+    from echoink_lite.step_data import data_schedule
     from echoink_lite.recipe import load_recipe
 
     assert load_recipe(None).derived(4490)["total_steps"] == 562  # the paper's 562 steps
@@ -258,26 +258,27 @@ def test_the_last_step_of_an_epoch_is_filled_with_the_epochs_first_prompts_as_th
 
 def test_a_row_that_fails_to_encode_is_skipped_counted_and_replaced(tiny_model_dir, synth_dir, tmp_path, monkeypatch):
     import echoink_lite.grpo as grpo
+    import echoink_lite.step_data as step_data
     from echoink_lite.rollout import RolloutEngine
 
     # 1 row of 16 is 6.25% of the data: allowed by data.max_bad_fraction 0.1 (the default 0.02 stops the run)
     recipe = tiny_recipe(tiny_model_dir, synth_dir, tmp_path / "run", schedule__max_steps=2, data__max_bad_fraction=0.1)
     rows = grpo.scan_split(recipe.data.train).rows
-    steps = grpo.data_schedule(len(rows), recipe.grpo.prompts_per_step, 2, recipe.schedule.seed)
+    steps = step_data.data_schedule(len(rows), recipe.grpo.prompts_per_step, 2, recipe.schedule.seed)
     broken = rows[steps[1][0]].problem_id  # the first prompt of step 2
-    real_encode, real_generate = grpo.encode_row, RolloutEngine.generate
+    real_encode, real_generate = step_data.encode_row, RolloutEngine.generate
     prompts_per_call = []
 
     def encode(processor, row, **kw):
         if row.problem_id == broken:
-            raise grpo.RowEncodeError("encode_failed", f"row {row.index}: the processor cannot encode it (test)", row.problem_id)
+            raise step_data.RowEncodeError("encode_failed", f"row {row.index}: the processor cannot encode it (test)", row.problem_id)
         return real_encode(processor, row, **kw)
 
     def generate(self, prompts, group_size, *a, **kw):
         prompts_per_call.append(len(prompts))
         return real_generate(self, prompts, group_size, *a, **kw)
 
-    monkeypatch.setattr(grpo, "encode_row", encode)
+    monkeypatch.setattr(step_data, "encode_row", encode)
     monkeypatch.setattr(RolloutEngine, "generate", generate)
     res = train(recipe)
     assert res.steps_done == 2 and res.skipped_rows == 1

@@ -78,7 +78,7 @@ def test_several_updates_per_rollout_show_in_the_memory_plan():
 
 def test_recipes_explain_shows_every_new_key_with_its_trl_name():
     """(tests/test_recipe.py holds the README's table to the same texts.)"""
-    from echoink_lite.recipe import TRL_GRPO_CONFIG, explain
+    from echoink_lite.recipe_reference import TRL_GRPO_CONFIG, explain
 
     rows = {key: (default, trl) for key, default, trl, _ in explain()}
     for key in VARIANT_DEFAULTS:

@@ -15,14 +15,12 @@ import pytest
 from echoink_lite import plan
 from echoink_lite.cli import parse_gpu_memory
 from echoink_lite.plan import estimate_memory  # the estimate with the suggestion search
-from echoink_lite.memory_estimate import (
-    ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_GIB, GIB, Dims, bundled_thinker_config, count_parameters,
-    lora_parameter_count, nf4_bits_per_param,
-)
+from echoink_lite.memory_estimate import ALLOCATOR_RESERVE_FRACTION, CUDA_CONTEXT_GIB, GIB, nf4_bits_per_param
 from echoink_lite.memory_suggestions import (
     candidate_knobs, micro_batch_sizes, recipe_with, rollout_batch_sizes, with_valid_batches,
 )
 from echoink_lite.recipe import load_recipe, recipe_from_dict
+from echoink_lite.thinker_sizes import Dims, bundled_thinker_config, count_parameters, lora_parameter_count
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"

@@ -96,7 +96,7 @@ def test_train_on_a_cpu_refuses_a_run_the_memory_cannot_hold(tiny_model_dir, syn
 
     loaded = []
     monkeypatch.setattr(preflight, "available_host_memory", lambda: (64 * 2**20, "a test limit"))
-    monkeypatch.setattr("echoink_lite.grpo.load_thinker_from_recipe", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("echoink_lite.run_setup.load_thinker_from_recipe", lambda *a, **k: loaded.append(1))
     out = tmp_path / "run"
     recipe = load_recipe(RECIPES / "tiny_cpu.yaml", [
         f"model.name_or_path={tiny_model_dir}", f"data.train={synth_dir / 'train'}", "data.valid=null",

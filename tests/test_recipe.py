@@ -183,7 +183,7 @@ def test_every_key_names_its_trl_grpo_config_equivalent():
 
     from trl import GRPOConfig
 
-    from echoink_lite.recipe import TRL_GRPO_CONFIG, explain
+    from echoink_lite.recipe_reference import TRL_GRPO_CONFIG, explain
 
     assert set(TRL_GRPO_CONFIG) == {key for key, *_ in explain()}
     config_fields = {f.name for f in dataclasses.fields(GRPOConfig)}
@@ -197,7 +197,7 @@ def test_every_key_names_its_trl_grpo_config_equivalent():
 
 
 def test_the_readme_lists_the_same_trl_equivalents():
-    from echoink_lite.recipe import TRL_GRPO_CONFIG
+    from echoink_lite.recipe_reference import TRL_GRPO_CONFIG
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [key for key, (_, text) in TRL_GRPO_CONFIG.items() if f"| `{key}` | {text} |" not in readme]

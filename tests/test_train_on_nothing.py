@@ -18,8 +18,9 @@ import soundfile as sf
 from echoink_lite import checkpoints as ckpt
 from echoink_lite.cli import main
 from echoink_lite.data import SplitScan, scan_split
-from echoink_lite.grpo import TrainingError, data_schedule, train
+from echoink_lite.grpo import TrainingError, train
 from echoink_lite.row_skips import SkipBudget, nonfinite_rows_note
+from echoink_lite.step_data import data_schedule
 from test_grpo import tiny_recipe
 
 TINY_RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml"
