@@ -394,7 +394,7 @@ def _check_media_files(
         return EMPTY_IMAGE, (f"{image_rel} under {split_dir} is {size[0]}x{size[1]} pixels, an empty image;"
                              " replace the file or remove the row")
     # With the paper's pixel caps; row_media.load_example checks the image at the caps in use.
-    problem = image_limit_problem(*capped_image_size(*size))
+    problem = image_limit_problem(*size) or image_limit_problem(*capped_image_size(*size))  # fetch_image's, the processor's
     if problem:
         return IMAGE_ASPECT_RATIO, (
             f"{image_rel} under {split_dir} ({size[0]}x{size[1]}) {problem}; crop or pad the image, or remove the row"

@@ -83,8 +83,9 @@ _COMMON_DIFFERENCES = (
     "config",
     "numerics: the original ran bf16 with flash_attention_2; the kit runs --dtype (bfloat16 on CUDA) with sdpa, "
     "so logits differ by rounding and near-ties can flip",
-    "media: audio decoded with soundfile + soxr (the original: librosa), images capped before the processor "
-    "snaps them to multiples of 28 (the same caps: 10 s, 256*28*28 pixels)",
+    "media: the same image sizes, pixels and audio samples as the original's fetch_image and librosa.load for RGB "
+    "images and files soundfile reads; images with transparency in modes other than RGBA are laid on white (the "
+    "original drops their alpha)",
     "bad rows: the original stops at a row it cannot read; the kit skips it and counts it (bad_rows)",
     "an adapter is evaluated on the base quantized as it was trained (NF4 for QLoRA); the paper's model is a "
     "full bf16 fine-tune",

@@ -25,7 +25,8 @@ from .data import DataError
 from .eval_model import load_model, resolve_base_model, resolve_quantization
 from .eval_protocols import PAPER_TEMPERATURE, PAPER_TOP_P, EvalError
 from .flag_ranges import check_flags
-from .media import audio_limit_problem, audio_sample_problem, image_limit_problem, load_audio, load_image
+from .media import (ImageAspectRatioError, audio_limit_problem, audio_sample_problem, image_limit_problem, load_audio,
+                    load_image)
 from .modeling import ModelLoadError, default_device, multimodal_token_ids
 from .prompting import collate, completion_mask, decode_completions, encode_text_prompt, generation_kwargs, to_device
 
@@ -74,6 +75,8 @@ def _load_media(audio_path, image_path, max_audio_seconds: float, max_pixels: in
         raise DataError(f"audio file {audio_path} {problem}; pass a longer clip")
     try:
         image = load_image(image_path, max_pixels=max_pixels)
+    except ImageAspectRatioError as err:
+        raise DataError(f"image file {image_path} {err}; crop or pad the image") from err
     except Exception as err:
         raise DataError(f"image file {image_path} cannot be decoded ({err}); pass a JPEG/PNG file") from err
     problem = image_limit_problem(*image.size)

@@ -112,18 +112,34 @@ def image_limit_problem(width: int, height: int) -> str | None:
     )
 
 
+IMAGE_FACTOR = 28  # the vision tower's patch (14) times its 2x2 merge: image sides are multiples of 28
+
+
 def capped_image_size(
     width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixels: int = DEFAULT_MIN_PIXELS
 ) -> tuple[int, int]:
-    """The size ``load_image`` gives an image: pixel count brought within [min_pixels, max_pixels], aspect kept."""
-    pixels = width * height
-    if pixels > max_pixels:
-        scale = math.sqrt(max_pixels / pixels)
-        return max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
-    if pixels < min_pixels:
-        scale = math.sqrt(min_pixels / pixels)
-        return math.ceil(width * scale), math.ceil(height * scale)
-    return width, height
+    """(width, height) ``load_image`` gives an image: the original's ``smart_resize`` (HarryHsing/EchoInk,
+    commit 3f6d16a, src/qwen-omni-utils/src/qwen_omni_utils/v2_5/vision_process.py, called by ``fetch_image``
+    for training and evaluation alike): each side rounded to a multiple of 28 (Python's ``round``), then, if
+    the area is over ``max_pixels``, both sides scaled down and floored to multiples of 28, or if under
+    ``min_pixels``, scaled up and ceiled. The processor then finds nothing to resize. (Capping the pixel count
+    first and letting the processor round afterwards, as the kit once did, can give another size: 640x480
+    became 504x392 instead of the original's 504x364.) One departure: where the original's floor gives a side
+    of 0 (a strip near aspect ratio 200 under a max_pixels below the default; its resize then fails), the side
+    is 28, and ``image_limit_problem`` judges the result.
+    """
+    factor = IMAGE_FACTOR
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return w_bar, h_bar
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +152,9 @@ def load_audio(
 ) -> np.ndarray:
     """Float32 mono samples at ``sampling_rate``, cut to the first ``max_seconds`` (None: whole file).
 
-    soundfile + soxr rather than librosa: same samples, milliseconds instead of a ~18 s numba warm-up.
+    soundfile + soxr rather than librosa, with librosa.load's steps (first ``int(max_seconds * native rate)``
+    frames, channel mean, soxr HQ, length fixed to ceil): the original's samples (tests/test_original_media.py),
+    in milliseconds instead of librosa's ~15 s numba warm-up.
     """
     native_rate = sf.info(str(path)).samplerate
     # Read only what survives the cut: a 10-minute file costs the same as a 10-second one.
@@ -144,9 +162,12 @@ def load_audio(
     samples, native_rate = sf.read(str(path), frames=frames, dtype="float32", always_2d=True)
     mono = samples.mean(axis=1, dtype=np.float32)
     if native_rate != sampling_rate:
-        mono = soxr.resample(mono, native_rate, sampling_rate)
-    if max_seconds is not None:
-        mono = mono[: int(max_seconds * sampling_rate)]  # resampling may add a sample
+        # As librosa.resample (librosa/core/audio.py, res_type "soxr_hq", fix=True), which the original's
+        # librosa.load(path, sr=16000, duration=10) calls: soxr's HQ resampler, then the length fixed to
+        # ceil(n * ratio) samples, zero-padded where soxr gives one fewer (as it does for 7777 samples at 11025 Hz).
+        length = math.ceil(mono.size * float(sampling_rate) / native_rate)
+        mono = soxr.resample(mono, native_rate, sampling_rate, quality="soxr_hq")
+        mono = np.pad(mono, (0, length - mono.size)) if mono.size < length else mono[:length]
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
@@ -163,17 +184,25 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixels: int = DEFAULT_MIN_PIXELS) -> Image.Image:
-    """RGB image whose pixel count is brought within [min_pixels, max_pixels], aspect ratio kept.
+class ImageAspectRatioError(ValueError):
+    """An image the original's ``fetch_image`` refuses: aspect ratio over 200 before any resize."""
 
-    The Qwen processor also snaps sizes to multiples of 28; capping here first bounds memory and
-    the number of visual tokens (256*28*28 pixels -> at most 256 tokens).
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_pixels: int = DEFAULT_MIN_PIXELS) -> Image.Image:
+    """RGB image resized as the original's ``fetch_image`` resizes it (``capped_image_size``): sides multiples
+    of 28, pixel count within [min_pixels, max_pixels] (256*28*28 pixels -> at most 256 visual tokens), one
+    bicubic resize (PIL's default filter for RGB, which ``fetch_image``'s ``image.resize`` uses).
+
+    Raises ImageAspectRatioError for an image over aspect ratio 200, which ``fetch_image`` refuses too.
     """
     with Image.open(path) as img:
         img.load()
         if 0 in img.size:  # Pillow's own readers refuse such files; a plugin's may not
             raise EmptyImageError(f"decodes to an empty image ({img.size[0]}x{img.size[1]} pixels)")
         rgb = _to_rgb(img)
+    problem = image_limit_problem(rgb.width, rgb.height)
+    if problem:
+        raise ImageAspectRatioError(problem)
     size = capped_image_size(rgb.width, rgb.height, max_pixels, min_pixels)
     if size != rgb.size:
         rgb = rgb.resize(size, Image.BICUBIC)

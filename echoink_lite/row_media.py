@@ -22,8 +22,8 @@ from PIL import Image
 
 from .data import (AUDIO_TOO_SHORT, BAD_AUDIO, BAD_IMAGE, EMPTY_AUDIO, EMPTY_IMAGE, IMAGE_ASPECT_RATIO, NONFINITE_AUDIO,
                    DataError, MediaError, Row)
-from .media import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_PIXELS, EmptyImageError, audio_limit_problem,
-                    audio_sample_problem, image_limit_problem, load_audio, load_image)
+from .media import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_PIXELS, EmptyImageError, ImageAspectRatioError,
+                    audio_limit_problem, audio_sample_problem, image_limit_problem, load_audio, load_image)
 
 # --------------------------------------------------------------------------------------------
 # A row's own media, decoded with the caps and checked against the model's limits
@@ -64,6 +64,8 @@ def load_example(
         image = load_image(row.image_path, max_pixels=max_pixels)
     except EmptyImageError as err:
         raise fail(EMPTY_IMAGE, f"{row.image_path} {err}; replace the file or remove the row") from err
+    except ImageAspectRatioError as err:
+        raise fail(IMAGE_ASPECT_RATIO, f"{row.image_path} {err}; crop or pad the image, or remove the row") from err
     except Exception as err:
         raise fail(BAD_IMAGE, f"{row.image_path} cannot be decoded as an image ({err}); replace the file or remove the row") from err
     problem = image_limit_problem(*image.size)

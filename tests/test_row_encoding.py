@@ -81,11 +81,13 @@ def bad_split(synth_dir, tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_the_two_crashes_of_rows_that_decode(tiny, bad_split):
+def test_the_two_crashes_of_rows_that_decode(tiny, tmp_path):
     model, processor = tiny
-    rows = scan_split(bad_split, open_media=False).rows
-    wide = load_image(rows[0].image_path)  # 600x2 becomes 970x4 under the minimum-pixel cap: ratio 242.5
-    assert wide.size == (970, 4)
+    # 5799x29 (ratio 199.97, which the original's fetch_image accepts) becomes 5796x28 when its sides are
+    # rounded to multiples of 28: ratio 207, which the processor refuses.
+    Image.new("RGB", (5799, 29), (200, 10, 10)).save(tmp_path / "wide.png")
+    wide = load_image(tmp_path / "wide.png")
+    assert wide.size == (5796, 28)
     with pytest.raises(ValueError, match="absolute aspect ratio must be smaller than 200"):
         run_model(model, processor, wide, tone(16000))
     # 160 samples: the processor encodes it, the model's forward pass fails (so encoding alone cannot catch it).
@@ -117,8 +119,8 @@ def test_image_limit_is_the_processors_exact_boundary(tiny):
     assert image_limit_problem(28, 28 * MAX_IMAGE_ASPECT_RATIO) is None
     assert "aspect ratio" in image_limit_problem(28 * MAX_IMAGE_ASPECT_RATIO + 1, 28)
     # A thin image that stays within the limit after the caps goes through end to end.
-    assert capped_image_size(400, 2) == (792, 4) and image_limit_problem(792, 4) is None
-    run_model(*tiny, Image.new("RGB", (792, 4)), tone(16000))
+    assert capped_image_size(400, 2) == (392, 28) and image_limit_problem(392, 28) is None
+    run_model(*tiny, Image.new("RGB", (392, 28)), tone(16000))
 
 
 # ------------------------------------------------------------------------------------------
