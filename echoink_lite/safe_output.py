@@ -332,7 +332,11 @@ def check_output_folder(path: str | Path, kind: str, flag: str, foreign: Foreign
 
 
 def new_partial_folder(path: Path, flag: str) -> Path:
-    """A new, uniquely named hidden folder beside `path` (same file system, so the final rename is atomic)."""
+    """A new, uniquely named hidden folder beside `path` (same file system, so the final rename is atomic).
+    Used by every command that writes a folder (`replacing_folder`, merge, export)."""
+    problem = _parent_problem(path)
+    if problem:
+        raise OutputError(f"cannot write {flag} {path}: {problem}. Fix: pass a folder you can write to.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
