@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .safe_output import fsync_dir, fsync_fd, write_bytes_atomic
 from .state_files import LEGACY_SUFFIX, rng_state, save_tree, state_file
 
 MARKER = "COMPLETE"
@@ -96,36 +97,6 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------------
 # Writing: fsync, manifest, and one-line errors for a full disk or an unwritable folder
 # ---------------------------------------------------------------------------------------------------
-def _fsync_fd(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):  # not supported here (e.g. Windows dirs)
-            raise
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # folders cannot be opened on every platform
-    try:
-        _fsync_fd(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one rename, fsyncing the file and its folder."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        _fsync_fd(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
 def _no_space(err: BaseException) -> bool:
     """The error, or one it was raised from, is a full disk (or quota)."""
     seen: BaseException | None = err
@@ -165,7 +136,7 @@ def file_digest(path: Path, fsync: bool = False) -> dict[str, Any]:
         while chunk := f.read(1 << 20):
             h.update(chunk)
         if fsync:
-            _fsync_fd(f.fileno())
+            fsync_fd(f.fileno())
     return {"size": path.stat().st_size, "sha256": h.hexdigest()}
 
 
@@ -177,7 +148,7 @@ def build_manifest(folder: Path, fsync: bool = True) -> dict[str, dict[str, Any]
             files[path.relative_to(folder).as_posix()] = file_digest(path, fsync=fsync)
     if fsync:
         for sub in sorted({p.parent for p in folder.rglob("*")} | {folder}, key=lambda p: len(p.parts), reverse=True):
-            _fsync_dir(sub)
+            fsync_dir(sub)
     return files
 
 
@@ -225,16 +196,17 @@ def finish_save(run_dir: Path, tmp: Path, step: int, model, optimizer, scheduler
         writing = tmp / "scheduler.safetensors"
         save_tree(scheduler.state_dict(), writing)
         writing = tmp / "state.json"
-        write_text_atomic(writing, json.dumps(dict(state, step=step, saved_at=time.time()), indent=1))
+        write_bytes_atomic(writing, json.dumps(dict(state, step=step, saved_at=time.time()), indent=1).encode())
         writing = tmp
         files = build_manifest(tmp, fsync=True)
         writing = tmp / MARKER
-        write_text_atomic(writing, json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "files": files}
+        write_bytes_atomic(writing, json.dumps(manifest, indent=1).encode())
         writing = final
         if final.exists():  # a leftover without marker from an interrupted save of the same step
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except Exception as err:
         if not _is_write_failure(err):
             raise

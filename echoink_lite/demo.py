@@ -180,7 +180,8 @@ def run_demo(out: str | Path = "demo_runs/demo", quick: bool = False, seed: int 
 
     from .data import scan_split
     from .eval_model import load_model
-    from .evaluate import EvalConfig, evaluate_rows, load_eval_model, print_summary
+    from .eval_report import print_summary
+    from .evaluate import EvalConfig, evaluate_rows, load_eval_model
     from .grpo import train
     from .infer import infer
     from .metrics import plot_run

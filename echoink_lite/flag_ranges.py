@@ -2,11 +2,12 @@
 
 A flag that means the same as a recipe key accepts exactly what that key accepts: `--temperature` is
 `generation.temperature` (> 0, finite), `--top-p` is `generation.top_p` (0 < p <= 1), `--max-new-tokens` is
-`generation.max_completion_tokens` (>= 1), and so on (`FLAGS`). The value is assigned to a recipe section
-with pydantic's assignment validation on, so a change of a range in `recipe.py` changes the flag's range
-too. Without this, `eval --sample --temperature 0` divided the logits by zero (NaN probabilities),
-`--top-p -1` decoded greedily while the summary said "sampled", and `infer --max-new-tokens 0` ended in a
-traceback.
+`generation.max_completion_tokens` (1 to the model's context), and so on (`FLAGS`). The value is assigned to
+a recipe section with pydantic's assignment validation on (the fields' own ranges), then checked against the
+key's limits in recipe_bounds.py, so a change of a range in either changes the flag's range too. Without
+this, `eval --sample --temperature 0` divided the logits by zero (NaN probabilities), `--top-p -1` decoded
+greedily while the summary said "sampled", `infer --max-new-tokens 0` ended in a traceback, and
+`--max-new-tokens 40000` (past the model's context) was accepted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from .eval_protocols import EvalError
+from .recipe_bounds import BOUNDS, bound_problem
 
 # parameter name -> (flag as the user typed it, recipe section, section key, field)
 FLAGS: dict[str, tuple[str, str, str]] = {
@@ -53,6 +55,11 @@ def check_flag(name: str, value) -> None:
             f"{flag} {value!r}: {reason[:1].lower() + reason[1:]} (the range of the recipe's {section_key}.{field}). "
             f"Fix: pass {flag} within that range."
         ) from None
+    key = f"{section_key}.{field}"
+    problem = bound_problem(key, getattr(section, field)) if key in BOUNDS else None  # the recipe's upper limits
+    if problem:
+        raise FlagRangeError(f"{flag} {value!r}: {problem.rsplit('; ', 1)[0]}. "
+                             f"Fix: pass {flag} within that limit.")
 
 
 def check_flags(**values) -> None:

@@ -295,8 +295,7 @@ def _update(run: Run, loss_sum: float) -> dict[str, Any]:
             p.grad = torch.zeros_like(p)
         if dst.world > 1:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-    has_grad = any(p.grad is not None for p in params)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.recipe.schedule.max_grad_norm)) if has_grad else 0.0
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.recipe.schedule.max_grad_norm))
     loss = float(dst.sum_(torch.tensor([loss_sum], dtype=torch.float64)).item())
     finite = math.isfinite(grad_norm) and math.isfinite(loss)
     lr = run.scheduler.get_last_lr()[0]

@@ -45,7 +45,6 @@ import json
 import re
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -233,18 +232,13 @@ def _check_out(out: Path, adapter_dir: Path, base_path: Path | None) -> None:
 
 
 def _new_partial_folder(out: Path) -> Path:
-    """A new, uniquely named hidden folder beside --out (same file system, so the final rename is atomic)."""
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise MergeError(f"cannot write --out {out}: {blocker} is a file, not a folder. Fix: pass an --out whose parent is a folder.")
+    """safe_output.new_partial_folder, its refusal as a MergeError."""
+    from .safe_output import OutputError, new_partial_folder
+
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-    except OSError as err:
-        raise MergeError(f"cannot write --out {out}: {err.strerror or err} ({err.filename or out.parent}). "
-                         "Fix: pass a folder you can write to.") from None
-    return tmp
+        return new_partial_folder(out, "--out")
+    except OutputError as err:
+        raise MergeError(str(err)) from None
 
 
 def _safetensors_io_error(err: BaseException) -> OSError | None:

@@ -158,7 +158,7 @@ def _verification_inputs(processor, n: int) -> list[dict[str, torch.Tensor]]:
     import numpy as np
     from PIL import Image
 
-    from .data import build_prompt_text
+    from .answer_protocol import build_prompt_text
     from .prompting import collate, encode_text_prompt
     from .synth import SYNTH_OPTIONS, SYNTH_QUESTION
 

@@ -64,20 +64,25 @@ def _value(recipe: Any, key: str) -> Any:
     return node
 
 
+def bound_problem(key: str, value: Any) -> str | None:
+    """One message when `value` of `key` (a key of BOUNDS) is outside its limits, else None. The recipe's
+    validation and the CLI flags that stand for these keys (flag_ranges.py) both use it."""
+    low, high, what = BOUNDS[key]
+    if value is None:
+        return None
+    if high is not None and value > high:
+        why = WHY.get((key, "high"), "")
+        return f"{key}={value:,} is over its limit {high:,g}, {what}{': ' + why if why else ''}; lower it"
+    if low is not None and value < low:
+        why = WHY.get((key, "low"), "")
+        return f"{key}={value:g} is under its limit {low:g}, {what}{': ' + why if why else ''}; raise it"
+    return None
+
+
 def bound_problems(recipe: Any) -> list[str]:
     """One message per value of `recipe` outside BOUNDS, a prompt + completion over the context, LoRA targets
     that are not the language model's projections, and rewards that are all weighted 0 (a run on nothing)."""
-    problems = []
-    for key, (low, high, what) in BOUNDS.items():
-        value = _value(recipe, key)
-        if value is None:
-            continue
-        if high is not None and value > high:
-            why = WHY.get((key, "high"), "")
-            problems.append(f"{key}={value:,} is over its limit {high:,g}, {what}{': ' + why if why else ''}; lower it")
-        elif low is not None and value < low:
-            why = WHY.get((key, "low"), "")
-            problems.append(f"{key}={value:g} is under its limit {low:g}, {what}{': ' + why if why else ''}; raise it")
+    problems = [p for p in (bound_problem(key, _value(recipe, key)) for key in BOUNDS) if p]
     unknown = [t for t in recipe.lora.target_modules if t not in LORA_TARGETS]
     if unknown or not recipe.lora.target_modules:
         what = f"names {', '.join(map(repr, unknown))}, which are not" if unknown else "is empty; list some of"

@@ -36,8 +36,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import CheckpointError, checkpoint_dir, complete_checkpoints, step_dirs, write_text_atomic
-from .safe_output import CURVES_PNG, RUN_LOCK_NAME
+from .checkpoints import CheckpointError, checkpoint_dir, complete_checkpoints, step_dirs
+from .safe_output import CURVES_PNG, RUN_LOCK_NAME, write_bytes_atomic
 
 HEARTBEAT_S = 60.0
 STALE_AFTER_S = 600.0
@@ -196,7 +196,7 @@ def prepare_run_dir(run_dir: Path, resuming: bool, overwrite: bool, resume_step:
                  f"aside to {aside}: this run continues from step {resume_step}")
         if recipe_text is not None:
             writing = run_dir / "recipe.yaml"
-            write_text_atomic(writing, RUN_RECIPE_HEADER + recipe_text)
+            write_bytes_atomic(writing, (RUN_RECIPE_HEADER + recipe_text).encode("utf-8"))
         else:  # make sure the folder takes files before anything runs
             writing = run_dir / f".write-test-{os.getpid()}"
             writing.write_bytes(b"")

@@ -22,6 +22,7 @@ so a folder that has since gained a file of someone else's is refused.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -220,33 +221,43 @@ def check_output_file(path: str | Path, kind: FileKind, flag: str) -> Path:
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_fd(fd: int) -> None:
+    """fsync, ignoring only "not supported here" (e.g. folders on Windows); a real failure (a full disk, an I/O
+    error) raises."""
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder (so a rename in it is on the disk), where the platform can open folders."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return  # folders cannot be opened on every platform
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
+        fsync_fd(fd)
     finally:
         os.close(fd)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """`data` to `path` via a temporary file in the same folder, fsynced, then renamed over `path`."""
+    """`data` to `path` via a temporary file in the same folder, fsynced, then renamed over `path` and the
+    folder fsynced. The kit's one atomic file write (outputs, checkpoint files, a run's recipe.yaml)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            fsync_fd(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_output(path: str | Path, data: bytes | str, kind: FileKind, flag: str) -> Path:
@@ -321,7 +332,11 @@ def check_output_folder(path: str | Path, kind: str, flag: str, foreign: Foreign
 
 
 def new_partial_folder(path: Path, flag: str) -> Path:
-    """A new, uniquely named hidden folder beside `path` (same file system, so the final rename is atomic)."""
+    """A new, uniquely named hidden folder beside `path` (same file system, so the final rename is atomic).
+    Used by every command that writes a folder (`replacing_folder`, merge, export)."""
+    problem = _parent_problem(path)
+    if problem:
+        raise OutputError(f"cannot write {flag} {path}: {problem}. Fix: pass a folder you can write to.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -347,7 +362,7 @@ def finish_folder(tmp: Path, path: Path, kind: str, mark: bool = True) -> None:
         else:
             path.rmdir()
     tmp.rename(path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -2,7 +2,7 @@
 
 The order is one seeded permutation per epoch, cut into steps of `grpo.prompts_per_step` (`data_schedule`).
 Every checkpoint keeps it, with the usable rows' fingerprint (`rows_fingerprint`), so a resumed run goes on
-in the same order, and a resume on other rows is refused (checkpoints.check_resumable). `step_prompts` loads
+in the same order, and a resume on other rows is refused (resume.check_resumable). `step_prompts` loads
 and encodes one step's rows; a row that fails is skipped, counted and replaced by the next usable row of the
 order (row_skips.py says when that stops the run).
 """

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import shlex
 import shutil
 import subprocess
@@ -292,7 +293,7 @@ def test_files_and_folders_are_synced_before_the_marker(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", recording_fsync)
     final = _save(tmp_path, 5)
     tmp = str(ckpt.tmp_path_for(tmp_path, 5))
-    marker_at = next(i for i, p in enumerate(events) if p.endswith(".COMPLETE.tmp"))
+    marker_at = next(i for i, p in enumerate(events) if re.search(r"/\.COMPLETE\.tmp-[^/]+$", p))  # write_bytes_atomic's name
     before_marker = set(events[:marker_at])
     for rel in ckpt.read_marker(final)["files"]:
         assert f"{tmp}/{rel}" in before_marker, f"{rel} not synced before the marker"

@@ -468,6 +468,10 @@ def test_a_full_omni_checkpoint_under_both_protocols_from_the_cli(tiny_full_mode
     (["--max-audio-seconds", "0"], "--max-audio-seconds 0.0"),
     (["--max-audio-seconds", "inf"], "--max-audio-seconds inf"),
     (["--max-pixels", "10"], "--max-pixels 10"),
+    # the recipe's upper limits too (recipe_bounds.BOUNDS), not only its fields' lower bounds
+    (["--max-new-tokens", "40000"], "--max-new-tokens 40000"),
+    (["--max-audio-seconds", "100000"], "--max-audio-seconds 100000.0"),
+    (["--batch-size", "100000"], "--batch-size 100000"),
     (["--sample", "--seed", str(2**64)], f"--seed {2**64}"),
 ])
 def test_eval_flags_out_of_range_are_one_line(argv, flag, synth_dir, tmp_path, capsys):

@@ -511,3 +511,20 @@ def test_verification_catches_a_wrong_merge(thinker_adapter, tmp_path, monkeypat
     assert v["weights"]["lora_tensors_wrong"] == 28 and not v["weights"]["ok"]
     assert not v["logits"]["ok"] and v["logits"]["max_abs_diff"] > v["logits"]["tolerance"]
     assert v["size"]["ok"] and v["logits"]["reload_ok"]  # the files themselves are well-formed
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_an_out_under_a_file_is_one_line_naming_the_file(thinker_adapter, tmp_path, command):
+    """merge and export make their hidden partial folder with safe_output.new_partial_folder: an --out whose
+    parent is a file is refused in one line that names that file, and nothing is written."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    out = a_file / "sub" / "merged"
+    with pytest.raises(MergeError) as err:
+        if command == "merge":
+            merge_adapter(thinker_adapter, out, dtype="fp32", verify=False, console=QUIET)
+        else:
+            export_adapter(thinker_adapter, out)
+    msg = str(err.value)
+    assert f"{a_file} is a file, not a folder" in msg and "Fix:" in msg and "\n" not in msg
+    assert a_file.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
