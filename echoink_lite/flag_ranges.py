@@ -72,8 +72,10 @@ def check_flags(**values) -> None:
                 raise FlagRangeError(f"--seed {value!r}: expected an integer from {SEED_RANGE[0]} to {SEED_RANGE[1]} "
                                      "(torch.manual_seed's range). Fix: pass a smaller --seed.")
             continue
-        if name == "samples":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FlagRangeError(f"--samples {value!r}: expected an integer of at least 1. Fix: pass --samples 1 or more.")
+        if name == "samples":  # completions per row, as grpo.group_size is per prompt (1 allowed: greedy or one pass)
+            most = int(BOUNDS["grpo.group_size"][1])
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+                raise FlagRangeError(f"--samples {value!r}: expected an integer from 1 to {most} (the limit of the "
+                                     "recipe's grpo.group_size, completions per prompt). Fix: pass --samples within that range.")
             continue
         check_flag(name, value)

@@ -472,6 +472,7 @@ def test_a_full_omni_checkpoint_under_both_protocols_from_the_cli(tiny_full_mode
     (["--max-new-tokens", "40000"], "--max-new-tokens 40000"),
     (["--max-audio-seconds", "100000"], "--max-audio-seconds 100000.0"),
     (["--batch-size", "100000"], "--batch-size 100000"),
+    (["--sample", "--samples", "100000"], "--samples 100000"),
     (["--sample", "--seed", str(2**64)], f"--seed {2**64}"),
 ])
 def test_eval_flags_out_of_range_are_one_line(argv, flag, synth_dir, tmp_path, capsys):
