@@ -196,7 +196,12 @@ def cmd_tiny(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    from .recipe_bounds import seed_problem
 
+    problem = seed_problem("--seed", args.seed)
+    if problem:
+        print(f"echoink-lite demo: error: {problem}", file=sys.stderr)
+        return 2
     run_demo(args.out, quick=args.quick, seed=args.seed)
     return 0
 

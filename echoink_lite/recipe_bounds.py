@@ -79,6 +79,16 @@ def bound_problem(key: str, value: Any) -> str | None:
     return None
 
 
+def seed_problem(flag: str, seed: Any) -> str | None:
+    """One line when a `--seed` flag (data synth, demo) is outside schedule.seed's range, else None: numpy's
+    generators refuse a negative seed with a traceback, and the demo's seed becomes the recipe's schedule.seed."""
+    low, high, _ = BOUNDS["schedule.seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
+        return (f"{flag} {seed!r}: expected an integer from {low:g} to {high:,g} (the range of the recipe's "
+                f"schedule.seed; numpy's generators take seeds from 0). Fix: pass a seed in that range.")
+    return None
+
+
 def bound_problems(recipe: Any) -> list[str]:
     """One message per value of `recipe` outside BOUNDS, a prompt + completion over the context, LoRA targets
     that are not the language model's projections, and rewards that are all weighted 0 (a run on nothing)."""

@@ -47,6 +47,11 @@ def synth_target(answer_letter: str) -> str:
     return f"<think>{colour} {pitch}</think><answer>{answer_letter}</answer>"
 
 
+# The most items per split: far above AVQA-R1-6K (4,490 train, 1,911 valid), and a bound on what a typo such as
+# --train 100000000 would write (two media files per item) before anyone notices.
+MAX_ITEMS = 100_000
+
+
 def _split_rng(seed: int, split: str) -> np.random.Generator:
     # Mix the split name into the seed so train and valid never share media for the same --seed.
     return np.random.default_rng([seed, zlib.crc32(split.encode("utf-8"))])
@@ -172,9 +177,16 @@ def synth_command(out: str | Path, train: int = 256, valid: int = 128, seed: int
 
     from .safe_output import OutputError
 
+    from .recipe_bounds import seed_problem
+
     console = console or Console()
-    if train < 1 or valid < 1:
-        console.print(f"[bold red]error:[/] --train and --valid must be at least 1 (got {train} and {valid})")
+    if not (1 <= train <= MAX_ITEMS and 1 <= valid <= MAX_ITEMS):
+        console.print(f"[bold red]error:[/] --train and --valid must be from 1 to {MAX_ITEMS:,} (got {train:,} and "
+                      f"{valid:,}); AVQA-R1-6K has 4,490 and 1,911. Fix: pass counts in that range.", highlight=False)
+        return 2
+    problem = seed_problem("--seed", seed)
+    if problem:
+        console.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
         return 2
     try:
         split_dirs = write_synth_set(out, train, valid, seed)

@@ -17,6 +17,7 @@ from echoink_lite.answer_protocol import extract_answer
 from echoink_lite.data import scan_split
 from echoink_lite.media import load_audio, load_image
 from echoink_lite.synth import (
+    MAX_ITEMS,
     SYNTH_CLASSES,
     SYNTH_OPTIONS,
     SYNTH_QUESTION,
@@ -161,3 +162,27 @@ def test_synth_command_rejects_empty_splits(tmp_path):
     assert "--train" in console.file.getvalue()
     with pytest.raises(ValueError):
         write_synthetic_split(tmp_path, "train", 0, seed=0)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(train=MAX_ITEMS + 1, valid=4), "--train and --valid must be from 1 to 100,000"),
+    (dict(train=4, valid=10**9), "--train and --valid must be from 1 to 100,000"),
+    (dict(train=4, valid=4, seed=-1), "--seed -1: expected an integer from 0"),
+    (dict(train=4, valid=4, seed=2**40), "--seed 1099511627776: expected an integer from 0"),
+])
+def test_synth_command_refuses_counts_and_seeds_out_of_range(kwargs, needle, tmp_path):
+    """A negative seed ended in numpy's traceback, and --train 100000000 wrote media until the disk filled."""
+    console = quiet_console()
+    assert synth_command(tmp_path / "out", console=console, **kwargs) == 2
+    (line,) = console.file.getvalue().splitlines()
+    assert needle in line and "Fix:" in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+def test_demo_refuses_a_negative_seed_in_one_line(tmp_path, capsys):
+    from echoink_lite.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--seed", "-5"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("echoink-lite demo: error: --seed -5: ") and "Fix:" in line
+    assert not (tmp_path / "demo").exists()
