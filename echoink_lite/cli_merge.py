@@ -41,6 +41,33 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     a("--private", action="store_true", help="create the Hub repo as private")
 
 
+def merge_option_problem(max_shard_size_gb: float, verify: bool, verify_device: str) -> str | None:
+    """One line when --max-shard-size-gb or --verify-device cannot work, else None; checked before anything is
+    written. Without it a NaN or infinite shard size ended in a traceback, a size of 0 wrote one shard per tensor,
+    and a device such as `cuda` on a machine without one failed in the verification, after the whole merge."""
+    import math
+
+    import torch
+
+    if not (math.isfinite(max_shard_size_gb) and 0.01 <= max_shard_size_gb <= 1024):
+        return (f"--max-shard-size-gb {max_shard_size_gb!r}: expected a size from 0.01 to 1024 GB (the Hub's "
+                "checkpoints use about 4-5). Fix: pass e.g. --max-shard-size-gb 5.")
+    if not verify:
+        return None
+    try:
+        device = torch.device(verify_device)
+    except (RuntimeError, ValueError):
+        return f"--verify-device {verify_device!r} is not a torch device. Fix: pass cpu or cuda (or cuda:N)."
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            return (f"--verify-device {verify_device}: this machine has {count} CUDA device(s). "
+                    "Fix: pass --verify-device cpu (or a device it has), or --no-verify.")
+    elif device.type != "cpu":
+        return f"--verify-device {verify_device}: the verification runs on cpu or cuda only. Fix: pass cpu or cuda."
+    return None
+
+
 def _refused(args, err) -> int:
     """A refusal: one line on stderr, exit code 2 (as main() does for the kit's other errors)."""
     print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
@@ -68,6 +95,9 @@ def cmd_merge(args) -> int:
     from .safe_output import MERGE_REPORT, OutputError, check_output_file, write_json_output
 
     console = Console()
+    problem = merge_option_problem(args.max_shard_size_gb, not args.no_verify, args.verify_device)
+    if problem:
+        return _refused(args, problem)
     try:
         if args.report:  # refused before the merge, not after it
             check_output_file(args.report, MERGE_REPORT, "--report")

@@ -328,6 +328,23 @@ def test_unwritable_out_is_one_line_naming_the_path(thinker_adapter, tmp_path, c
     assert blocker.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("flags,needle", [
+    (["--max-shard-size-gb", "nan"], "--max-shard-size-gb nan: expected a size from 0.01 to 1024 GB"),
+    (["--max-shard-size-gb", "inf"], "--max-shard-size-gb inf: expected"),
+    (["--max-shard-size-gb", "0"], "--max-shard-size-gb 0.0: expected"),
+    (["--verify-device", "gpu0"], "--verify-device 'gpu0' is not a torch device"),
+    (["--verify-device", "meta"], "--verify-device meta: the verification runs on cpu or cuda only"),
+    (["--verify-device", f"cuda:{torch.cuda.device_count()}"], "CUDA device(s)"),
+])
+def test_merge_options_refused_before_writing(thinker_adapter, flags, needle, tmp_path, capsys):
+    """A NaN shard size was a traceback, and an unusable --verify-device failed after the whole merge was written."""
+    out = tmp_path / "merged"
+    assert cli_main(["merge", "--adapter", str(thinker_adapter), "--out", str(out), *flags]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert needle in line and "Fix:" in line
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
 def test_full_format_from_thinker_only_base_refused(thinker_only_adapter, tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(MergeError, match="--format full needs a full Qwen2.5-Omni base") as err:
