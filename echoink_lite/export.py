@@ -133,7 +133,11 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, recipe_path: st
         rp = Path(recipe_path)
         if not rp.is_file():
             raise MergeError(f"recipe {rp} not found. Fix: pass the run's recipe.yaml, or leave --recipe out.")
-        recipe_text = rp.read_text(encoding="utf-8")
+        try:
+            recipe_text = rp.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise MergeError(f"cannot read the recipe {rp}: {err}. Fix: pass the run's recipe.yaml (UTF-8 text), "
+                             "or leave --recipe out.") from None
     eval_lines = None
     if eval_summary is not None:
         if isinstance(eval_summary, dict):
@@ -144,7 +148,11 @@ def export_adapter(adapter_dir: str | Path, out_dir: str | Path, recipe_path: st
             except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise MergeError(f"cannot read the eval summary {eval_summary}: {err}. Fix: pass the <predictions>.summary.json "
                                  "written by `echoink-lite eval`.") from None
-        eval_lines = _eval_lines(summary)
+        try:
+            eval_lines = _eval_lines(summary)
+        except (AttributeError, TypeError, ValueError, KeyError) as err:  # valid JSON of another shape
+            raise MergeError(f"the eval summary {eval_summary} is not an eval summary ({type(err).__name__}: {err}). Fix: "
+                             "pass the <predictions>.summary.json written by `echoink-lite eval`.") from None
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MergeError(f"--out {out} exists and is not empty. Fix: pass a new folder.")
     target, folder = out.expanduser().resolve(), src.expanduser().resolve()

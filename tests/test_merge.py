@@ -468,6 +468,23 @@ def test_export_adapter_clean_folder_with_model_card(tiny_model_dir, thinker_ada
     assert name == "upload_folder" and kw["repo_id"] == "me/echoink-lora" and kw["folder_path"] == str(tmp_path / "export4")
 
 
+@pytest.mark.parametrize("flag,content", [
+    ("--recipe", b"\xff\xfe not utf-8 \x80"),
+    ("--eval-summary", b"[1, 2, 3]"),
+    ("--eval-summary", b'{"results": ["not a row"]}'),
+    ("--eval-summary", b'{"accuracy": "high"}'),
+])
+def test_export_unreadable_recipe_or_summary_is_one_line(thinker_adapter, flag, content, tmp_path, capsys):
+    """A recipe that is not UTF-8, or a summary of another JSON shape, ended in a traceback."""
+    given = tmp_path / "given"
+    given.write_bytes(content)
+    out = tmp_path / "export"
+    assert cli_main(["export", "--adapter", str(thinker_adapter), "--out", str(out), flag, str(given)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert str(given) in line and "Fix:" in line
+    assert not out.exists() and given.read_bytes() == content
+
+
 def test_export_checks_the_adapter_against_the_base(tiny_model_dir, thinker_adapter, mismatched_adapters, tmp_path):
     for variant in ("narrower", "deeper"):
         with pytest.raises(AdapterError) as err:
