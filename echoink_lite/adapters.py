@@ -14,6 +14,9 @@ with the base's linear layers and raises one line that names the adapter folder,
 Every command that loads an adapter calls it: ``eval``, ``infer``, ``export``, ``merge`` and training's
 resume.
 
+Every reader also refuses an adapter that holds NaN or inf (``check_adapter_finite``): it would merge, evaluate
+or resume into NaN logits with exit 0. merge and export read the tensors whole through adapter_tensors.py.
+
 Also here, because they are facts about an adapter folder: the base it names (``base_model_name_or_path``),
 the base quantization it was trained with (from the run's ``recipe.yaml``), and a hash of its content (the
 eval cache key: a retrained adapter at the same path must not reuse old predictions).
@@ -38,7 +41,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 RECIPE_FILE = "recipe.yaml"  # written by `train` into the run folder
 
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
 _LLM_LINEAR = re.compile(r"^model\.language_model\.layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>[^.]+)$")
 _LLM_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
@@ -107,7 +110,7 @@ def lora_shapes(adapter_dir: str | Path) -> dict[str, LoraShape]:
     try:
         with safe_open(str(weights), framework="pt") as f:
             for key in f.keys():
-                m = _LORA_KEY.match(key)
+                m = LORA_KEY.match(key)
                 if m is None:
                     other.append(key)
                 else:
@@ -132,7 +135,7 @@ def lora_shapes(adapter_dir: str | Path) -> dict[str, LoraShape]:
         shapes[module] = LoraShape(out_features=b[0], in_features=a[1], rank=a[0])
         # PEFT builds each LoRA layer with the config's rank, then fails in load_state_dict with a size-mismatch
         # traceback per tensor; every command that reads an adapter comes through here first.
-        r = _pattern_value(rank_pattern, module, r0)
+        r = pattern_value(rank_pattern, module, r0)
         if a[0] != r:
             raise AdapterError(f"{weights}: module '{module}' has rank {a[0]} but {ADAPTER_CONFIG} says r={r}. Fix: "
                                f"restore {ADAPTER_CONFIG} from the run that saved these weights (its r must be {a[0]}).")
@@ -393,72 +396,32 @@ def check_adapter_fits(base, adapter_dir: str | Path, *, base_name: str | None =
     raise AdapterError(f"adapter {adapter_dir} does not fit the base '{layout.name}': {'; '.join(problems)}.{sizes} Fix: {fix}.")
 
 
-# --------------------------------------------------------------------------------------------
-# The adapter's tensors (merge and export read them whole)
-# --------------------------------------------------------------------------------------------
+EARLIER_ADAPTER_FIX = ("use an earlier checkpoint's adapter (RUN/checkpoints/step-*/adapter), and lower optim.learning_rate "
+                      "for a new run")
 
 
-@dataclass
-class LoraModule:
-    module: str  # thinker module name, e.g. model.language_model.layers.0.self_attn.q_proj
-    A: torch.Tensor  # [r, in]
-    B: torch.Tensor  # [out, r]
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    def delta(self) -> torch.Tensor:
-        """scale * B @ A in fp32, shape [out, in]."""
-        return (self.B.float() @ self.A.float()) * self.scale
+def nonfinite_problem(tensors, where, fix: str = EARLIER_ADAPTER_FIX) -> str | None:
+    """One line naming the first LoRA tensor of `tensors` (name -> tensor) that holds NaN or inf, else None. A
+    diverged run's adapter merges, evaluates and resumes into NaN logits, so every reader refuses it first."""
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            return (f"adapter {where}: {name} holds {bad} NaN or infinite value(s) of {tensor.numel()}, so every logit "
+                    f"with it is NaN (the run that wrote it diverged). Fix: {fix}.")
+    return None
 
 
-@dataclass
-class Adapter:
-    path: Path
-    config: dict[str, Any]
-    modules: dict[str, LoraModule]
-
-    @property
-    def base(self) -> str | None:
-        return self.config.get("base_model_name_or_path") or None
-
-
-# adapter_config.json settings that a plain W + scale * B @ A merge cannot represent.
-_NOT_PLAIN_LORA = ("use_dora", "modules_to_save", "trainable_token_indices", "lora_bias", "fan_in_fan_out", "layer_replication")
-
-
-def read_adapter(adapter_dir: str | Path) -> Adapter:
-    """Read a PEFT LoRA folder whole; refuse what a plain W + scale * B @ A merge cannot represent."""
+def check_adapter_finite(adapter_dir: str | Path, fix: str = EARLIER_ADAPTER_FIX) -> None:
+    """AdapterError when adapter_model.safetensors holds NaN or inf (read one tensor at a time)."""
     from safetensors import safe_open
 
-    path = Path(adapter_dir)
-    config = read_adapter_config(path)
-    if config.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"{path}: a {config.get('peft_type')} adapter; echoink-lite merges and exports LoRA adapters only")
-    unsupported = [name for name in _NOT_PLAIN_LORA if config.get(name)]
-    if unsupported:
-        raise AdapterError(f"{path}: {ADAPTER_CONFIG} sets {', '.join(unsupported)}; echoink-lite merges and exports "
-                           "plain LoRA (W + scale * B @ A) only, as it trains it")
-    shapes = lora_shapes(path)  # validates keys and A/B pairs from the header first
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path / ADAPTER_WEIGHTS), framework="pt") as f:
-        for key in f.keys():
-            m = _LORA_KEY.match(key)
-            tensors.setdefault(m["module"], {})[m["ab"]] = f.get_tensor(key)
-
-    r0, alpha0, rank_pattern, alpha_pattern = lora_settings(config, path)
-    modules: dict[str, LoraModule] = {}
-    for module, shape in shapes.items():  # lora_shapes checked each rank against the config
-        r = _pattern_value(rank_pattern, module, r0)
-        alpha = float(_pattern_value(alpha_pattern, module, alpha0))
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        modules[module] = LoraModule(module, tensors[module]["A"], tensors[module]["B"], scale)
-    return Adapter(path, config, modules)
+    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), framework="pt") as f:
+        problem = nonfinite_problem(((key, f.get_tensor(key)) for key in f.keys()), adapter_dir, fix)
+    if problem:
+        raise AdapterError(problem)
 
 
-def _pattern_value(patterns: dict[str, Any], module: str, default):
+def pattern_value(patterns: dict[str, Any], module: str, default):
     # PEFT's rule (peft.utils.other.get_pattern_key): a pattern matches the end of the module name.
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
@@ -478,5 +441,6 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False, *, bas
     from .modeling import peft_reading_deprecated_property
 
     check_adapter_fits(model, adapter_dir, base_name=base_name, fix=fix)
+    check_adapter_finite(adapter_dir)
     with peft_reading_deprecated_property():
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from .answer_protocol import extract_choice, format_ok, original_gold, parse_answer
-from .data import DataError, Row, RowEncodeError, enforce_bad_fraction, scan_split
+from .data import Row, RowEncodeError, enforce_bad_fraction, scan_split
 from .eval_cache import adapter_hash, cached, read_done, rescored, row_key, settings_hash
 from .eval_model import QUANTIZATION_CHOICES, load_model, resolve_base_model, resolve_quantization
 from .eval_protocols import (

@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_fits, read_adapter
+from .adapter_tensors import read_adapter
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_fits
 from .merge_base import MergeError, base_layout_for
 
 

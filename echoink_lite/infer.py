@@ -27,7 +27,7 @@ from .eval_protocols import PAPER_TEMPERATURE, PAPER_TOP_P, EvalError
 from .flag_ranges import check_flags
 from .media import (ImageAspectRatioError, audio_limit_problem, audio_sample_problem, image_limit_problem, load_audio,
                     load_image)
-from .modeling import ModelLoadError, default_device, multimodal_token_ids
+from .modeling import default_device, multimodal_token_ids
 from .prompting import collate, completion_mask, decode_completions, encode_text_prompt, generation_kwargs, to_device
 
 _LETTERED = re.compile(r"^[A-Z]\. ")

@@ -50,7 +50,8 @@ from typing import Any
 
 import torch
 
-from .adapters import Adapter, BaseLayout, LoraModule, check_adapter_fits, read_adapter
+from .adapter_tensors import Adapter, LoraModule, read_adapter
+from .adapters import BaseLayout, check_adapter_fits
 from .merge_base import (
     Base,
     MergeError,

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .adapters import Adapter, BaseLayout
+from .adapter_tensors import Adapter
+from .adapters import BaseLayout
 
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "spk_dict.pt"]
 

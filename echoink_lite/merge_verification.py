@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .adapters import Adapter
+from .adapter_tensors import Adapter
 from .merge_base import Base, thinker_module_name, torch_dtype_of
 from .merge_plan import DTYPE_CONFIG_NAMES, DTYPES, plan_tensors
 

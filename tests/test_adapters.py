@@ -153,3 +153,47 @@ def test_load_model_refuses_a_deeper_adapter_on_a_4bit_base(tiny_model_dir, mism
     with pytest.raises(AdapterError, match="pass --model"):
         load_model(str(tiny_model_dir), adapter=str(mismatched_adapters["deeper"]), quantization=QuantizationSection(),
                    device="cpu")
+
+
+@pytest.fixture(scope="module")
+def nan_adapter(fitting_adapter, tmp_path_factory):
+    """The fitting adapter with one NaN in one LoRA B: what a diverged run saves."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("nan") / "adapter"
+    shutil.copytree(fitting_adapter, out)
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    name = next(k for k in sorted(weights) if "lora_B" in k)
+    weights[name][1, 2] = float("inf")
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_an_adapter_with_nan_or_inf_is_refused_by_every_reader(tiny_model_dir, base_model, nan_adapter, synth_dir,
+                                                                tmp_path, capsys):
+    """merge, export, eval and infer each refuse it in one line naming the tensor (NaN logits, exit 0, before)."""
+    from echoink_lite.adapter_tensors import read_adapter
+    from echoink_lite.cli import main
+    from echoink_lite.data import scan_split
+
+    with pytest.raises(AdapterError) as err:
+        read_adapter(nan_adapter)
+    assert "lora_B" in one_line(err) and "1 NaN or infinite value(s)" in one_line(err) and "Fix:" in one_line(err)
+    with pytest.raises(AdapterError, match="NaN or infinite"):
+        load_adapter(base_model, nan_adapter)
+    row = scan_split(synth_dir / "valid").rows[0]
+    commands = {
+        "merge": ["merge", "--adapter", str(nan_adapter), "--out", str(tmp_path / "merged")],
+        "export": ["export", "--adapter", str(nan_adapter), "--out", str(tmp_path / "exported")],
+        "eval": ["eval", "--adapter", str(nan_adapter), "--data", str(synth_dir / "valid"), "--out",
+                 str(tmp_path / "p.jsonl"), "--quantization", "none", "--limit", "2"],
+        "infer": ["infer", "--adapter", str(nan_adapter), "--audio", str(row.audio_path), "--image",
+                  str(row.image_path), "--question", "?", "--quantization", "none"],
+    }
+    for command, argv in commands.items():
+        assert main(argv) != 0, command
+        out = capsys.readouterr()
+        text = (out.out + out.err).strip()
+        assert "NaN or infinite value(s)" in text and "Traceback" not in text, (command, text)
+        assert len(" ".join(text.split()).split("error:")) == 2, (command, text)  # one error, no second message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -346,7 +346,7 @@ def test_a_state_file_write_that_the_disk_refuses_is_one_line(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent.parent)))
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = proc.stdout.strip()
-    assert line.startswith(f"SaveError: cannot write (") and "rng-rank0.safetensors" in line
+    assert line.startswith("SaveError: cannot write (") and "rng-rank0.safetensors" in line
     assert "no earlier checkpoint of this run exists" in line and "\n" not in line
 
 
@@ -436,3 +436,24 @@ def test_rng_files_of_earlier_versions_are_read_safely_or_refused(run_copy):
     with pytest.raises(ckpt.ResumeError) as err:
         read_rank_rng(newest, 0)
     assert "rng-rank0.pt cannot be read without running code" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_adapter_with_nan_is_refused_on_resume_in_one_line(tiny_model_dir, synth_dir, run_copy, tmp_path, capsys):
+    """A diverged step's adapter (NaN) made every resumed step non-finite; resume names the tensor instead."""
+    from safetensors.torch import save_file
+
+    newest = run_copy / "checkpoints" / "step-000002"
+    weights = load_file(str(newest / ADAPTER))
+    name = sorted(weights)[3]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, str(newest / ADAPTER))
+    _rewrite_marker(newest)  # intact as far as the manifest can tell
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(two_step_recipe(tiny_model_dir, synth_dir, run_copy).to_yaml())
+    before = _snapshot(run_copy)
+    assert main(["train", str(recipe), "--resume", "auto"]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert "1 NaN or infinite value(s)" in line and f"--resume {run_copy / 'checkpoints'}/step-N" in line
+    assert "Traceback" not in err
+    assert _snapshot(run_copy) == before

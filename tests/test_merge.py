@@ -17,7 +17,8 @@ import torch
 from rich.console import Console
 from safetensors import safe_open
 
-from echoink_lite.adapters import AdapterError, read_adapter
+from echoink_lite.adapter_tensors import read_adapter
+from echoink_lite.adapters import AdapterError
 from echoink_lite.cli import main as cli_main
 from echoink_lite.export import export_adapter
 from echoink_lite.merge import merge_adapter

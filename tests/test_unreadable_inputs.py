@@ -10,7 +10,8 @@ import shutil
 
 import pytest
 
-from echoink_lite.adapters import AdapterError, lora_shapes, read_adapter, read_adapter_config
+from echoink_lite.adapter_tensors import read_adapter
+from echoink_lite.adapters import AdapterError, lora_shapes, read_adapter_config
 from echoink_lite.cli import main
 from echoink_lite.data import BAD_JSON, DataError, scan_split
 from echoink_lite.jsonl import JsonlError, read_jsonl
