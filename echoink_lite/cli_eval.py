@@ -77,11 +77,12 @@ def cmd_eval(args, console=None) -> int:
     from .evaluate import EvalError, run_eval
     from .modeling import ModelLoadError
 
+    errors = console or Console(stderr=True)  # an error goes to stderr, the results to stdout
     console = console or Console()
     try:
         run_eval(eval_config_from_args(args), console=console)
     except (EvalError, DataError, ModelLoadError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, any width
+        errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, any width
         return 1
     return 0
 
@@ -110,16 +111,17 @@ def cmd_infer(args, console=None) -> int:
     from .infer import option_warnings, run_infer
     from .modeling import ModelLoadError
 
+    errors = console or Console(stderr=True)  # warnings and errors go to stderr, the answer to stdout
     console = console or Console()
     for warning in option_warnings(args.options):
-        console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+        errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
     try:
         result = run_infer(args.audio, args.image, args.question, model=args.model, adapter=args.adapter,
                            merged=args.merged, options=args.options, max_new_tokens=args.max_new_tokens,
                            do_sample=args.sample, stream=not args.no_stream, quantization=args.quantization,
                            dtype=args.dtype, console=console)
     except (EvalError, DataError, ModelLoadError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, any width
+        errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)  # one line, any width
         return 1
     think = result["think"] if result["think"] is not None else "(no <think> block)"
     answer = result["answer"] if result["answer"] is not None else "(no valid answer)"

@@ -58,10 +58,11 @@ def check_command(path: str | Path, report: str | Path | None = None, console=No
     from rich.progress import Progress
     from rich.table import Table
 
+    errors = console or Console(stderr=True)  # an error goes to stderr, the report to stdout
     console = console or Console()
 
     def error(message: str) -> None:
-        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     report = Path(report).expanduser() if report is not None else None
     problem = _report_write_problem(report) if report is not None else None

@@ -179,19 +179,20 @@ def synth_command(out: str | Path, train: int = 256, valid: int = 128, seed: int
 
     from .recipe_bounds import seed_problem
 
+    errors = console or Console(stderr=True)  # an error goes to stderr, what was written to stdout
     console = console or Console()
     if not (1 <= train <= MAX_ITEMS and 1 <= valid <= MAX_ITEMS):
-        console.print(f"[bold red]error:[/] --train and --valid must be from 1 to {MAX_ITEMS:,} (got {train:,} and "
+        errors.print(f"[bold red]error:[/] --train and --valid must be from 1 to {MAX_ITEMS:,} (got {train:,} and "
                       f"{valid:,}); AVQA-R1-6K has 4,490 and 1,911. Fix: pass counts in that range.", highlight=False)
         return 2
     problem = seed_problem("--seed", seed)
     if problem:
-        console.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
         return 2
     try:
         split_dirs = write_synth_set(out, train, valid, seed)
     except OutputError as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     for split_dir, n in zip(split_dirs, (train, valid)):
         console.print(f"wrote {n} {split_dir.name} items to {escape(str(split_dir))}", highlight=False)

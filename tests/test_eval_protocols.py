@@ -479,8 +479,8 @@ def test_eval_flags_out_of_range_are_one_line(argv, flag, synth_dir, tmp_path, c
     assert main(["eval", "--model", "unused", "--data", str(synth_dir / "valid"), "--out", str(tmp_path / "p.jsonl"),
                  *argv]) == 1
     out = capsys.readouterr()
-    (line,) = out.out.splitlines()
-    assert line.startswith(f"error: {flag}: ") and "Fix: pass" in line and "Traceback" not in out.err
+    (line,) = out.err.splitlines()  # errors go to stderr, nothing to stdout
+    assert line.startswith(f"error: {flag}: ") and "Fix: pass" in line and not out.out
     assert not (tmp_path / "p.jsonl").exists()
 
 
@@ -489,9 +489,9 @@ def test_infer_max_new_tokens_zero_is_one_line(synth_dir, capsys):
     assert main(["infer", "--model", "unused", "--audio", str(row.audio_path), "--image", str(row.image_path),
                  "--question", "?", "--max-new-tokens", "0"]) == 1
     out = capsys.readouterr()
-    (line,) = out.out.splitlines()
+    (line,) = out.err.splitlines()
     assert line.startswith("error: --max-new-tokens 0: ") and "generation.max_completion_tokens" in line
-    assert "Traceback" not in out.err
+    assert not out.out
 
 
 def test_three_numbers_side_by_side(loaded, synth_dir, tmp_path, monkeypatch, capsys):

@@ -186,3 +186,14 @@ def test_demo_refuses_a_negative_seed_in_one_line(tmp_path, capsys):
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("echoink-lite demo: error: --seed -5: ") and "Fix:" in line
     assert not (tmp_path / "demo").exists()
+
+
+def test_data_synth_errors_go_to_stderr(tmp_path, capsys):
+    from echoink_lite.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    assert main(["data", "synth", str(blocker), "--train", "2", "--valid", "2"]) == 2
+    out = capsys.readouterr()
+    (line,) = out.err.splitlines()
+    assert str(blocker) in line and not out.out and blocker.read_text() == "mine"

@@ -27,8 +27,8 @@ def test_a_deeply_nested_split_is_one_line(tmp_path, capsys):
     with pytest.raises(DataError, match="omni_rl_format_train.json is nested too deeply to read"):
         scan_split(split)
     assert main(["data", "check", str(split)]) == 1
-    out = capsys.readouterr().out
-    assert "nested too deeply" in out and "Traceback" not in out
+    out = capsys.readouterr()
+    assert "nested too deeply" in out.err and "Traceback" not in out.err and "nested" not in out.out  # errors: stderr
 
 
 def test_a_deeply_nested_json_lines_row_is_one_bad_row(tmp_path):
