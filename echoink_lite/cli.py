@@ -321,8 +321,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cloud or batch scheduler stopping the job, `kill`), raised like Ctrl-C so that every cleanup
+    runs: a half-written output folder is removed, the run folder's lock released. Without it Python dies at
+    once and leaves hidden `.OUT.partial-*` folders and a stale lock behind."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        signal.signal(signal.SIGTERM, _raise_terminated)
     args = parse_args(build_parser(), argv)
     from .checkpoints import CheckpointError
     from .data import DataError
@@ -344,9 +359,13 @@ def main(argv: list[str] | None = None) -> int:
             RewardError) as err:
         print(f"echoink-lite {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: complete checkpoints are kept; continue with --resume auto", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        what = {"train": "complete checkpoints are kept; continue with --resume auto",
+                "eval": "the predictions written so far are kept; the same command continues from them"}.get(
+            args.command, "rerun the command")
+        print(f"{how}: {what}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

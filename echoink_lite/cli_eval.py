@@ -14,7 +14,8 @@ def _model_arguments(parser) -> None:
     a("--model", default=None, help="base checkpoint: Hub id or local folder (full Omni or thinker-only); "
       "default with --adapter: the base its adapter_config.json names")
     a("--adapter", default=None, help="LoRA adapter folder saved by a training run, applied on --model")
-    a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model (not with --adapter)")
+    a("--merged", default=None, help="merged checkpoint folder, loaded instead of --model (not with --adapter); "
+      "--model then only supplies the processor when the folder has none")
     a("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
       help="of the base: auto = as the adapter was trained (its run's recipe.yaml; NF4 for QLoRA), else none; "
       "nf4 = 4-bit NF4; none = unquantized (--dtype)")

@@ -457,3 +457,33 @@ def test_a_checkpoint_adapter_with_nan_is_refused_on_resume_in_one_line(tiny_mod
     assert "1 NaN or infinite value(s)" in line and f"--resume {run_copy / 'checkpoints'}/step-N" in line
     assert "Traceback" not in err
     assert _snapshot(run_copy) == before
+
+
+def test_sigterm_during_training_keeps_checkpoints_and_releases_the_lock(tiny_model_dir, synth_dir, tmp_path):
+    """SIGTERM (Colab or a batch scheduler stopping the job) is handled like Ctrl-C: exit 143, the complete
+    checkpoints stay, and the run folder's lock is released, so `--resume auto` can start at once."""
+    import signal
+    import time
+
+    from echoink_lite.safe_output import RUN_LOCK_NAME
+
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(tiny_recipe(tiny_model_dir, synth_dir, out, schedule__max_steps=500,
+                                  checkpoint__save_every_steps=1).to_yaml())
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "echoink_lite.cli", "train", str(recipe)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not ckpt.complete_checkpoints(out):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    assert (out / RUN_LOCK_NAME).is_file()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM): complete checkpoints are kept; continue with --resume auto" in err
+    assert "Traceback" not in err
+    assert not (out / RUN_LOCK_NAME).exists()
+    steps = [s for s, _ in ckpt.complete_checkpoints(out)]
+    assert steps and resolve_resume("auto", out, warn=lambda m: None) == out / "checkpoints" / f"step-{steps[-1]:06d}"

@@ -197,3 +197,25 @@ def test_data_synth_errors_go_to_stderr(tmp_path, capsys):
     out = capsys.readouterr()
     (line,) = out.err.splitlines()
     assert str(blocker) in line and not out.out and blocker.read_text() == "mine"
+
+
+def test_sigterm_during_data_synth_leaves_nothing_behind(tmp_path):
+    """A scheduler's SIGTERM killed Python at once and left the hidden .OUT.partial-* folder; now it runs the
+    cleanup, as Ctrl-C does, and exits 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "set"
+    proc = subprocess.Popen([sys.executable, "-m", "echoink_lite.cli", "data", "synth", str(out), "--train", "50000",
+                             "--valid", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any((p / "train" / "audios").is_dir() for p in tmp_path.glob(".set.partial-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "terminated (SIGTERM): rerun the command" and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
