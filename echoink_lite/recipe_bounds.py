@@ -39,6 +39,8 @@ BOUNDS: dict[str, tuple[float | None, float | None, str]] = {
     "generation.max_completion_tokens": (None, CONTEXT_TOKENS,
                                          f"the completion budget (the model's context is {CONTEXT_TOKENS} tokens; the paper: 768)"),
     "schedule.epochs": (None, 1000, "passes over the training data"),
+    "schedule.learning_rate": (None, 1.0, "the peak learning rate (the paper: 1e-6, a full fine-tune; the kit's "
+                                          "recipes: 1e-5 for the 7B's LoRA, 3e-3 for the tiny CPU model)"),
     "schedule.seed": (0, 2**32 - 1, "the seed (numpy's generators take seeds from 0)"),
 }
 # Why a limit, where the value's description alone does not say it.

@@ -24,6 +24,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
     ("data.max_audio_seconds=0.001", "data.max_audio_seconds=0.001 is under its limit 0.0200625"),
     ("schedule.seed=-1", "schedule.seed=-1 is under its limit 0"),
     ("schedule.epochs=1000000", "schedule.epochs=1,000,000.0 is over its limit 1,000"),
+    ("schedule.learning_rate=10", "schedule.learning_rate=10.0 is over its limit 1, the peak learning rate"),
     ("generation.max_completion_tokens=32768", "over the model's 32768-token context"),
 ])
 def test_absurd_values_are_refused_naming_the_limit_and_the_fix(override, words):
