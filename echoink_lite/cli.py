@@ -196,11 +196,12 @@ def cmd_tiny(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
-    from .recipe_bounds import seed_problem
+    from .flag_ranges import FlagRangeError, check_flag
 
-    problem = seed_problem("--seed", args.seed)
-    if problem:
-        print(f"echoink-lite demo: error: {problem}", file=sys.stderr)
+    try:
+        check_flag("data_seed", args.seed)
+    except FlagRangeError as err:
+        print(f"echoink-lite demo: error: {err}", file=sys.stderr)
         return 2
     run_demo(args.out, quick=args.quick, seed=args.seed)
     return 0

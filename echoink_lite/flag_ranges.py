@@ -30,6 +30,8 @@ FLAGS: dict[str, tuple[str, str, str]] = {
     "max_bad_fraction": ("max_bad_fraction", "data", "max_bad_fraction"),
     # rows x samples are decoded together, as grpo.rollout_batch_size completions are in training
     "batch_size": ("--batch-size", "grpo", "rollout_batch_size"),
+    # data synth's and demo's --seed seeds numpy's generators and becomes the demo recipe's schedule.seed
+    "data_seed": ("--seed", "schedule", "seed"),
 }
 
 # torch.manual_seed takes a 64-bit value (signed or unsigned); the recipe's schedule.seed has no bound.

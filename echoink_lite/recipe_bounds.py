@@ -74,20 +74,11 @@ def bound_problem(key: str, value: Any) -> str | None:
         return None
     if high is not None and value > high:
         why = WHY.get((key, "high"), "")
-        return f"{key}={value:,} is over its limit {high:,g}, {what}{': ' + why if why else ''}; lower it"
+        limit = f"{int(high):,}" if float(high).is_integer() else f"{high:g}"  # 4,294,967,295, not 4.29497e+09
+        return f"{key}={value:,} is over its limit {limit}, {what}{': ' + why if why else ''}; lower it"
     if low is not None and value < low:
         why = WHY.get((key, "low"), "")
         return f"{key}={value:g} is under its limit {low:g}, {what}{': ' + why if why else ''}; raise it"
-    return None
-
-
-def seed_problem(flag: str, seed: Any) -> str | None:
-    """One line when a `--seed` flag (data synth, demo) is outside schedule.seed's range, else None: numpy's
-    generators refuse a negative seed with a traceback, and the demo's seed becomes the recipe's schedule.seed."""
-    low, high, _ = BOUNDS["schedule.seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high:
-        return (f"{flag} {seed!r}: expected an integer from {low:g} to {high:,g} (the range of the recipe's "
-                f"schedule.seed; numpy's generators take seeds from 0). Fix: pass a seed in that range.")
     return None
 
 

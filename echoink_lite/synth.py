@@ -175,9 +175,8 @@ def synth_command(out: str | Path, train: int = 256, valid: int = 128, seed: int
     from rich.console import Console
     from rich.markup import escape
 
+    from .flag_ranges import FlagRangeError, check_flag
     from .safe_output import OutputError
-
-    from .recipe_bounds import seed_problem
 
     errors = console or Console(stderr=True)  # an error goes to stderr, what was written to stdout
     console = console or Console()
@@ -185,9 +184,10 @@ def synth_command(out: str | Path, train: int = 256, valid: int = 128, seed: int
         errors.print(f"[bold red]error:[/] --train and --valid must be from 1 to {MAX_ITEMS:,} (got {train:,} and "
                       f"{valid:,}); AVQA-R1-6K has 4,490 and 1,911. Fix: pass counts in that range.", highlight=False)
         return 2
-    problem = seed_problem("--seed", seed)
-    if problem:
-        errors.print(f"[bold red]error:[/] {escape(problem)}", highlight=False)
+    try:
+        check_flag("data_seed", seed)
+    except FlagRangeError as err:
+        errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         return 2
     try:
         split_dirs = write_synth_set(out, train, valid, seed)

@@ -167,8 +167,8 @@ def test_synth_command_rejects_empty_splits(tmp_path):
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(train=MAX_ITEMS + 1, valid=4), "--train and --valid must be from 1 to 100,000"),
     (dict(train=4, valid=10**9), "--train and --valid must be from 1 to 100,000"),
-    (dict(train=4, valid=4, seed=-1), "--seed -1: expected an integer from 0"),
-    (dict(train=4, valid=4, seed=2**40), "--seed 1099511627776: expected an integer from 0"),
+    (dict(train=4, valid=4, seed=-1), "--seed -1: schedule.seed=-1 is under its limit 0"),
+    (dict(train=4, valid=4, seed=2**40), "--seed 1099511627776: schedule.seed=1,099,511,627,776 is over its limit 4,294,967,295"),
 ])
 def test_synth_command_refuses_counts_and_seeds_out_of_range(kwargs, needle, tmp_path):
     """A negative seed ended in numpy's traceback, and --train 100000000 wrote media until the disk filled."""
