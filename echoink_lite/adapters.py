@@ -14,8 +14,9 @@ with the base's linear layers and raises one line that names the adapter folder,
 Every command that loads an adapter calls it: ``eval``, ``infer``, ``export``, ``merge`` and training's
 resume.
 
-Every reader also refuses an adapter that holds NaN or inf (``check_adapter_finite``): it would merge, evaluate
-or resume into NaN logits with exit 0. merge and export read the tensors whole through adapter_tensors.py.
+Every reader also refuses an adapter that holds NaN or inf (``nonfinite_problem``): it would merge, evaluate or
+resume into NaN logits with exit 0. ``load_adapter`` checks the weights PEFT loaded, merge and export the tensors
+they read whole (adapter_tensors.py), and resume the checkpoint's file before the run writes anything.
 
 Also here, because they are facts about an adapter folder: the base it names (``base_model_name_or_path``),
 the base quantization it was trained with (from the run's ``recipe.yaml``), and a hash of its content (the
@@ -441,6 +442,10 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False, *, bas
     from .modeling import peft_reading_deprecated_property
 
     check_adapter_fits(model, adapter_dir, base_name=base_name, fix=fix)
-    check_adapter_finite(adapter_dir)
     with peft_reading_deprecated_property():
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+        loaded = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    # The weights PEFT just loaded, not a second read of the file; one host sync when they are all finite.
+    lora = [(name, p) for name, p in loaded.named_parameters() if "lora_" in name]
+    if lora and not bool(torch.stack([torch.isfinite(p).all() for _, p in lora]).all()):
+        raise AdapterError(nonfinite_problem(((name, p.detach()) for name, p in lora), adapter_dir))
+    return loaded

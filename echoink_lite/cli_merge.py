@@ -60,7 +60,7 @@ def merge_option_problem(max_shard_size_gb: float, verify: bool, verify_device: 
         return f"--verify-device {verify_device!r} is not a torch device. Fix: pass cpu or cuda (or cuda:N)."
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if device.index is not None and device.index >= count or count == 0:
+        if count == 0 or (device.index is not None and device.index >= count):
             return (f"--verify-device {verify_device}: this machine has {count} CUDA device(s). "
                     "Fix: pass --verify-device cpu (or a device it has), or --no-verify.")
     elif device.type != "cpu":

@@ -149,15 +149,16 @@ def load_rank_rng(ckpt: Path, rank: int) -> None:
 
 def check_state_files(ckpt: Path, rank: int) -> None:
     """Refuse (ResumeError, one line) a checkpoint whose optimizer, scheduler or RNG file cannot be read safely,
-    or whose adapter holds NaN or inf, before the run writes anything. Nothing is unpickled; a `.pt` goes through the weights-only loader only."""
+    or whose adapter holds NaN or inf, before the run writes anything. Nothing is unpickled; a `.pt` goes
+    through the weights-only loader only."""
+    from .adapters import AdapterError, check_adapter_finite
+
     for stem in ("optimizer", "scheduler"):
         try:
             check_state_file(ckpt, stem)
         except StateFileError as err:
             raise ResumeError(f"cannot resume {ckpt}: {err}. {_UNREADABLE_FIX}") from None
     read_rank_rng(ckpt, rank)
-    from .adapters import AdapterError, check_adapter_finite
-
     try:  # a NaN adapter would make every resumed step non-finite (the kit never saves one: such steps are skipped)
         check_adapter_finite(ckpt / "adapter", fix=f"resume from an earlier checkpoint (--resume {ckpt.parent}/step-N), "
                              "or start a new run with a lower optim.learning_rate")
