@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load as load_bytes
 from safetensors.torch import load_file
 
 from echoink_lite import checkpoints as ckpt
@@ -184,7 +185,8 @@ def test_the_marker_records_size_and_sha256_of_every_file(finished_run):
 def test_garbage_in_adapter_tensors_loads_silently_without_the_manifest(run_copy):
     """Why the manifest is needed: safetensors has no checksums, so this damage loads as valid weights."""
     path = ckpt.latest_checkpoint(run_copy)
-    good = load_file(str(path / ADAPTER))
+    # load_bytes copies: load_file may map the file, and the in-place damage would then show in `good` too
+    good = load_bytes((path / ADAPTER).read_bytes())
     _garbage_in_adapter_tensors(path / ADAPTER)
     bad = load_file(str(path / ADAPTER))
     assert good.keys() == bad.keys() and any(not torch.equal(good[k], bad[k]) for k in good)
